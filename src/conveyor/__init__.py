@@ -1,0 +1,45 @@
+"""Conveyor: durable jobs on the database you already have (SQLite or PostgreSQL)."""
+
+from .app import BoundTask, Conveyor, EnqueueRequest, Task
+from .control import Cancel, JobContext, Snooze, current_job
+from .errors import (
+    ConfigurationError,
+    ConveyorError,
+    DatabaseUnavailableError,
+    InvalidArgumentsError,
+    InvalidTransitionError,
+    JobFailedError,
+    JobNotFoundError,
+    SchemaError,
+    UnknownTaskError,
+)
+from .job import Job, JobState
+from .states import Backoff
+from .worker import Worker
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backoff",
+    "BoundTask",
+    "Cancel",
+    "ConfigurationError",
+    "Conveyor",
+    "ConveyorError",
+    "DatabaseUnavailableError",
+    "EnqueueRequest",
+    "InvalidArgumentsError",
+    "InvalidTransitionError",
+    "Job",
+    "JobContext",
+    "JobFailedError",
+    "JobNotFoundError",
+    "JobState",
+    "SchemaError",
+    "Snooze",
+    "Task",
+    "UnknownTaskError",
+    "Worker",
+    "__version__",
+    "current_job",
+]

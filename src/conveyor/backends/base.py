@@ -1,0 +1,266 @@
+"""The storage contract. Each method is a domain verb; its docstring is the contract that the
+contract test suite (tests/contract) checks against every backend.
+
+Times are the database's clock. Every write that ends an attempt is *fenced*: it applies only
+while the job is still ``running`` under the same attempt and lease owner.
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+from ..errors import ConfigurationError
+from ..job import Job, JobState
+from ..states import Outcome
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A job to insert. ``args``/``kwargs``/``result`` are already-validated JSON text."""
+
+    task: str
+    queue: str
+    args: str = "[]"
+    kwargs: str = "{}"
+    priority: int = 0
+    delay: float = 0.0
+    run_at: datetime | None = None  # absolute; wins over delay
+    max_attempts: int = 5
+    max_snoozes: int | None = None
+    deadline: float | None = None
+    timeout: float | None = None
+    unique_key: str | None = None
+    idempotency_key: str | None = None
+    concurrency_key: str | None = None
+    concurrency_limit: int = 1
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    id: str
+    host: str
+    pid: int
+    queues: list[str]
+    concurrency: int
+    started_at: datetime | None = None
+    last_seen_at: datetime | None = None
+    stopped_at: datetime | None = None
+
+
+@dataclass
+class QueueStats:
+    queue: str
+    counts: dict[str, int] = field(default_factory=dict)
+    oldest_due_age: float | None = None  # seconds the oldest due waiting job has waited
+    concurrency_limit: int | None = None
+
+    @property
+    def running(self) -> int:
+        return self.counts.get(JobState.RUNNING, 0)
+
+
+def job_from_row(row: dict[str, Any], **extra: Any) -> Job:
+    """Build a :class:`Job` from a row already converted to Python types."""
+    return Job(
+        id=row["id"],
+        queue=row["queue"],
+        task=row["task"],
+        args=row["args"],
+        kwargs=row["kwargs"],
+        state=JobState(row["state"]),
+        priority=row["priority"],
+        created_at=row["created_at"],
+        run_at=row["run_at"],
+        started_at=row["started_at"],
+        attempted_at=row["attempted_at"],
+        finished_at=row["finished_at"],
+        heartbeat_at=row["heartbeat_at"],
+        lease_owner=row["lease_owner"],
+        lease_expires_at=row["lease_expires_at"],
+        attempt=row["attempt"],
+        max_attempts=row["max_attempts"],
+        snoozes=row["snoozes"],
+        max_snoozes=row["max_snoozes"],
+        deadline=row["deadline"],
+        timeout=row["timeout"],
+        last_error=row["last_error"],
+        errors=row["errors"],
+        result=row["result"],
+        unique_key=row["unique_key"],
+        idempotency_key=row["idempotency_key"],
+        concurrency_key=row["concurrency_key"],
+        concurrency_limit=row["concurrency_limit"],
+        cancel_requested=bool(row["cancel_requested"]),
+        **extra,
+    )
+
+
+def build_stats(
+    counts: list[dict[str, Any]], oldest: list[dict[str, Any]], limits: list[dict[str, Any]]
+) -> list[QueueStats]:
+    by_queue: dict[str, QueueStats] = {}
+
+    def get(name: str) -> QueueStats:
+        return by_queue.setdefault(name, QueueStats(queue=name))
+
+    for r in counts:
+        get(r["queue"]).counts[r["state"]] = int(r["n"])
+    for r in oldest:
+        get(r["queue"]).oldest_due_age = max(0.0, float(r["age"]))
+    for r in limits:
+        if r["concurrency_limit"] is not None:
+            get(r["name"]).concurrency_limit = int(r["concurrency_limit"])
+    return [by_queue[k] for k in sorted(by_queue)]
+
+
+class Backend(abc.ABC):
+    """A job store. Implementations: SQLite (embedded) and PostgreSQL (shared by a fleet)."""
+
+    url: str
+    #: Name shown in stats and benchmarks ("sqlite" or "postgres").
+    name: str
+
+    # -- lifecycle and schema -------------------------------------------------------------------
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release connections. The backend is unusable afterwards."""
+
+    @abc.abstractmethod
+    def migrate(self) -> list[int]:
+        """Apply pending migrations; return the versions applied (empty when up to date).
+        Idempotent and safe when several processes run it at once. Raises SchemaError when the
+        database was migrated by a newer Conveyor."""
+
+    @abc.abstractmethod
+    def schema_version(self) -> int | None:
+        """The highest applied migration, or None for a database never migrated."""
+
+    @abc.abstractmethod
+    def db_now(self) -> datetime:
+        """The database clock, UTC."""
+
+    # -- jobs -----------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def job_insert_many(self, jobs: Sequence[NewJob], connection: Any = None) -> list[Job]:
+        """Insert jobs in one transaction (or on the caller's ``connection``, inside the caller's
+        transaction, never committing it). Returns one Job per input, in order. A job whose
+        ``idempotency_key`` exists, or whose ``unique_key`` is held by an active (queued, running,
+        retrying) job, is not inserted: the existing job is returned with ``deduplicated=True``.
+        Dedupe is enforced by unique indexes, so concurrent enqueuers cannot both insert."""
+
+    @abc.abstractmethod
+    def job_fetch_available(
+        self, worker_id: str, queues: Sequence[str], limit: int, lease: float
+    ) -> list[Job]:
+        """Claim up to ``limit`` due jobs (queued or retrying, run_at <= now) from ``queues`` in one
+        atomic step: highest priority first, then earliest run_at, then lowest id. Each claimed
+        job becomes running with attempt+1, attempted_at=now, lease_owner=worker_id and
+        lease_expires_at=now+lease. Jobs whose concurrency_key has ``concurrency_limit`` running
+        jobs, or whose queue has its concurrency limit running, are not claimed (fleet-wide)."""
+
+    @abc.abstractmethod
+    def job_finish_many(self, worker_id: str, outcomes: Sequence[Outcome]) -> set[int]:
+        """Write the outcomes of attempts. Each applies only while its job is running with the
+        same attempt and ``lease_owner == worker_id`` (fencing); returns the ids applied."""
+
+    @abc.abstractmethod
+    def job_heartbeat(
+        self, worker_id: str, job_ids: Sequence[int], lease: float
+    ) -> dict[int, bool]:
+        """Extend the leases of the given jobs still held by ``worker_id`` to now+lease. Returns
+        {job id: cancel_requested} for the jobs still held; a missing id means the lease was lost."""
+
+    @abc.abstractmethod
+    def job_rescue_stuck(self, now: datetime | None = None) -> list[Job]:
+        """Recover running jobs whose lease expired before ``now`` (default: the database clock):
+        retrying (due at once) with the error "lease expired: worker W lost" and the attempt
+        counted, or dead when the attempt was the last. Returns the rescued jobs."""
+
+    @abc.abstractmethod
+    def job_hand_back(self, worker_id: str, job_ids: Sequence[int]) -> int:
+        """Return running jobs held by ``worker_id`` to queued, due now, refunding the attempt
+        (graceful shutdown). Returns how many were handed back."""
+
+    @abc.abstractmethod
+    def job_get(self, job_id: int) -> Job:
+        """The job, or JobNotFoundError."""
+
+    @abc.abstractmethod
+    def job_list(
+        self,
+        state: str | None = None,
+        queue: str | None = None,
+        task: str | None = None,
+        limit: int = 100,
+    ) -> list[Job]:
+        """Jobs matching the filters, newest first."""
+
+    @abc.abstractmethod
+    def job_cancel(self, job_id: int, reason: str = "cancelled by request") -> Job:
+        """Queued/retrying -> cancelled at once; running -> cancel_requested (the worker delivers
+        it); terminal -> unchanged. Returns the job after the change."""
+
+    @abc.abstractmethod
+    def job_retry(self, job_id: int) -> Job:
+        """Dead or cancelled -> queued, due now, attempt 0, snoozes 0, finish and lease fields
+        cleared, error history kept. Other states: InvalidTransitionError."""
+
+    @abc.abstractmethod
+    def job_delete(self, job_id: int) -> bool:
+        """Delete a job that is not running. Returns False if it did not exist; raises
+        InvalidTransitionError for a running job (cancel it first)."""
+
+    # -- queues, workers, stats -----------------------------------------------------------------
+    @abc.abstractmethod
+    def queue_configure(self, name: str, concurrency: int | None) -> None:
+        """Set (or clear, with None) a queue's fleet-wide concurrency limit."""
+
+    @abc.abstractmethod
+    def worker_register(self, info: WorkerInfo) -> None:
+        """Record a worker (id, host, pid, queues, concurrency) as started and seen now."""
+
+    @abc.abstractmethod
+    def worker_heartbeat(self, worker_id: str) -> None:
+        """Set the worker's last_seen_at to now."""
+
+    @abc.abstractmethod
+    def worker_deregister(self, worker_id: str) -> None:
+        """Mark the worker stopped."""
+
+    @abc.abstractmethod
+    def worker_list(self) -> list[WorkerInfo]:
+        """Registered workers, most recently seen first."""
+
+    @abc.abstractmethod
+    def stats(self) -> list[QueueStats]:
+        """Per queue: job count per state, age of the oldest due waiting job, limit."""
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced, for error messages."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def open_backend(url: str) -> Backend:
+    """A backend for ``sqlite:///path`` or ``postgresql://...``; ConfigurationError otherwise."""
+    if not isinstance(url, str) or not url:
+        raise ConfigurationError(f"database URL must be a non-empty string, not {url!r}")
+    scheme = urlsplit(url).scheme.lower()
+    if scheme == "sqlite":
+        from .sqlite import SQLiteBackend
+
+        return SQLiteBackend(url)
+    if scheme in ("postgresql", "postgres"):
+        from .postgres import PostgresBackend
+
+        return PostgresBackend(url)
+    raise ConfigurationError(
+        f"unsupported database URL {redact_url(url)!r}: use sqlite:///path/to/file.db "
+        "or postgresql://user@host/dbname"
+    )

@@ -1,0 +1,298 @@
+"""PostgreSQL backend: psycopg 3 with a connection pool; claims with FOR UPDATE SKIP LOCKED."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+from ... import sqlfile
+from ...errors import (
+    ConfigurationError,
+    DatabaseUnavailableError,
+    InvalidTransitionError,
+    JobNotFoundError,
+)
+from ...job import Job
+from ...states import Outcome
+from ..base import (
+    Backend,
+    NewJob,
+    QueueStats,
+    WorkerInfo,
+    build_stats,
+    job_from_row,
+    redact_url,
+)
+from ..dedupe import resolve_inserted
+from ..migrate import POSTGRES_MIGRATIONS as MIGRATIONS
+from ..migrate import check_version
+
+try:
+    import psycopg
+    from psycopg.rows import dict_row
+    from psycopg_pool import ConnectionPool
+except ImportError:  # pragma: no cover - exercised only without the extra installed
+    psycopg = None  # type: ignore[assignment]
+
+_MIGRATION_LOCK = 7262100439
+QUERIES = sqlfile.load(__name__)
+
+
+def _configure(conn: Any) -> None:
+    conn.execute("SET TIME ZONE 'UTC'")
+
+
+class PostgresBackend(Backend):
+    name = "postgres"
+
+    def __init__(self, url: str, min_size: int = 1, max_size: int = 8) -> None:
+        if psycopg is None:
+            raise ConfigurationError(
+                "PostgreSQL support needs psycopg: pip install 'conveyor[postgres]'"
+            )
+        self.url = url
+        try:
+            psycopg.conninfo.conninfo_to_dict(url)
+        except psycopg.ProgrammingError as exc:
+            raise ConfigurationError(f"invalid PostgreSQL URL {redact_url(url)!r}: {exc}") from None
+        self._check_reachable()
+        self._pool = ConnectionPool(
+            url,
+            min_size=min_size,
+            max_size=max_size,
+            kwargs={"autocommit": True, "row_factory": dict_row},
+            configure=_configure,
+            open=False,
+            name="conveyor",
+        )
+        self._pool.open(wait=True, timeout=10)
+
+    def _check_reachable(self) -> None:
+        try:
+            psycopg.connect(self.url, connect_timeout=5).close()
+        except psycopg.Error as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DatabaseUnavailableError(
+                f"cannot connect to PostgreSQL at {redact_url(self.url)}: {first}"
+            ) from None
+
+    def close(self) -> None:
+        self._pool.close()
+
+    @contextmanager
+    def _conn(self) -> Iterator[Any]:
+        try:
+            with self._pool.connection() as conn:
+                yield conn
+        except psycopg.OperationalError as exc:
+            raise DatabaseUnavailableError(
+                f"lost PostgreSQL at {redact_url(self.url)}: {str(exc).strip()}"
+            ) from exc
+
+    def _all(self, query: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        with self._conn() as conn:
+            return list(conn.execute(QUERIES[query], params or {}).fetchall())
+
+    def _jobs(self, query: str, params: dict[str, Any] | None = None) -> list[Job]:
+        return [job_from_row(r) for r in self._all(query, params)]
+
+    def _one_job(self, query: str, job_id: int, **params: Any) -> Job | None:
+        rows = self._jobs(query, {"id": job_id, **params})
+        return rows[0] if rows else None
+
+    # -- schema ---------------------------------------------------------------------------------
+    def migrate(self) -> list[int]:
+        applied: list[int] = []
+        with self._conn() as conn:
+            conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
+            try:
+                conn.execute(
+                    "CREATE TABLE IF NOT EXISTS conveyor_migrations ("
+                    " version integer PRIMARY KEY, name text NOT NULL,"
+                    " applied_at timestamptz NOT NULL DEFAULT now())"
+                )
+                current = self._version(conn)
+                check_version(current, self.url, allow_missing=True)
+                for version, name, sql in MIGRATIONS:
+                    if version <= (current or 0):
+                        continue
+                    with conn.transaction():
+                        conn.execute(sql)
+                        conn.execute(
+                            "INSERT INTO conveyor_migrations (version, name) VALUES (%s, %s)",
+                            (version, name),
+                        )
+                    applied.append(version)
+            finally:
+                conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
+        return applied
+
+    def _version(self, conn: Any) -> int | None:
+        exists = conn.execute(
+            "SELECT to_regclass('conveyor_migrations') IS NOT NULL AS e"
+        ).fetchone()
+        if not exists["e"]:
+            return None
+        row = conn.execute("SELECT max(version) AS v FROM conveyor_migrations").fetchone()
+        return None if row["v"] is None else int(row["v"])
+
+    def schema_version(self) -> int | None:
+        with self._conn() as conn:
+            return self._version(conn)
+
+    def db_now(self) -> datetime:
+        now: datetime = self._all("db_now")[0]["now"]
+        return now
+
+    # -- jobs -----------------------------------------------------------------------------------
+    def job_insert_many(self, jobs: Sequence[NewJob], connection: Any = None) -> list[Job]:
+        if not jobs:
+            return []
+        if connection is not None:
+            if psycopg is None or not isinstance(connection, psycopg.Connection):
+                raise ConfigurationError(
+                    f"connection= must be a psycopg (3) Connection for a PostgreSQL app, "
+                    f"not {type(connection).__name__}"
+                )
+            return self._insert_on(connection, jobs)
+        with self._conn() as conn, conn.transaction():
+            return self._insert_on(conn, jobs)
+
+    def _insert_on(self, conn: Any, jobs: Sequence[NewJob]) -> list[Job]:
+        def insert(batch: Sequence[NewJob]) -> list[Job]:
+            cols = {name: [getattr(j, name) for j in batch] for name in NewJob.__dataclass_fields__}
+            with conn.cursor(row_factory=dict_row) as cur:
+                cur.execute(QUERIES["insert_jobs"], cols)
+                return [job_from_row(r) for r in cur.fetchall()]
+
+        def find(idem: list[str], uniq: list[str]) -> list[Job]:
+            with conn.cursor(row_factory=dict_row) as cur:
+                cur.execute(
+                    QUERIES["find_duplicates"], {"idempotency_keys": idem, "unique_keys": uniq}
+                )
+                return [job_from_row(r) for r in cur.fetchall()]
+
+        return resolve_inserted(jobs, insert, find)
+
+    def job_fetch_available(
+        self, worker_id: str, queues: Sequence[str], limit: int, lease: float
+    ) -> list[Job]:
+        if limit <= 0 or not queues:
+            return []
+        return self._jobs(
+            "claim", {"worker": worker_id, "queues": list(queues), "limit": limit, "lease": lease}
+        )
+
+    def job_finish_many(self, worker_id: str, outcomes: Sequence[Outcome]) -> set[int]:
+        if not outcomes:
+            return set()
+        params = {
+            "worker": worker_id,
+            "id": [o.job_id for o in outcomes],
+            "attempt": [o.attempt for o in outcomes],
+            "state": [str(o.state) for o in outcomes],
+            "delay": [o.delay for o in outcomes],
+            "result": [o.result for o in outcomes],
+            "error": [None if o.error is None else json.dumps(o.error) for o in outcomes],
+            "refund": [int(o.refund_attempt) for o in outcomes],
+            "snoozed": [int(o.snoozed) for o in outcomes],
+        }
+        return {r["id"] for r in self._all("finish", params)}
+
+    def job_heartbeat(
+        self, worker_id: str, job_ids: Sequence[int], lease: float
+    ) -> dict[int, bool]:
+        if not job_ids:
+            return {}
+        rows = self._all("heartbeat", {"worker": worker_id, "ids": list(job_ids), "lease": lease})
+        return {r["id"]: bool(r["cancel_requested"]) for r in rows}
+
+    def job_rescue_stuck(self, now: datetime | None = None) -> list[Job]:
+        return self._jobs("rescue_stuck", {"now": now})
+
+    def job_hand_back(self, worker_id: str, job_ids: Sequence[int]) -> int:
+        if not job_ids:
+            return 0
+        with self._conn() as conn:
+            cur = conn.execute(QUERIES["hand_back"], {"worker": worker_id, "ids": list(job_ids)})
+            return int(cur.rowcount)
+
+    def job_get(self, job_id: int) -> Job:
+        job = self._one_job("get_job", job_id)
+        if job is None:
+            raise JobNotFoundError(f"no job with id {job_id}")
+        return job
+
+    def job_list(
+        self,
+        state: str | None = None,
+        queue: str | None = None,
+        task: str | None = None,
+        limit: int = 100,
+    ) -> list[Job]:
+        return self._jobs(
+            "list_jobs", {"state": state, "queue": queue, "task": task, "limit": limit}
+        )
+
+    def job_cancel(self, job_id: int, reason: str = "cancelled by request") -> Job:
+        job = self._one_job("cancel_waiting", job_id, reason=reason)
+        job = job or self._one_job("cancel_running", job_id)
+        return job or self.job_get(job_id)
+
+    def job_retry(self, job_id: int) -> Job:
+        job = self._one_job("retry_job", job_id)
+        if job is None:
+            current = self.job_get(job_id)
+            raise InvalidTransitionError(
+                f"job {job_id} is {current.state}; only dead or cancelled jobs can be retried"
+            )
+        return job
+
+    def job_delete(self, job_id: int) -> bool:
+        if self._all("delete_job", {"id": job_id}):
+            return True
+        try:
+            current = self.job_get(job_id)
+        except JobNotFoundError:
+            return False
+        raise InvalidTransitionError(f"job {job_id} is {current.state}; cancel it before deleting")
+
+    # -- queues, workers, stats -----------------------------------------------------------------
+    def queue_configure(self, name: str, concurrency: int | None) -> None:
+        with self._conn() as conn:
+            conn.execute(QUERIES["configure_queue"], {"name": name, "limit": concurrency})
+
+    def worker_register(self, info: WorkerInfo) -> None:
+        with self._conn() as conn:
+            conn.execute(
+                QUERIES["register_worker"],
+                {
+                    "id": info.id,
+                    "host": info.host,
+                    "pid": info.pid,
+                    "queues": json.dumps(info.queues),
+                    "concurrency": info.concurrency,
+                },
+            )
+
+    def worker_heartbeat(self, worker_id: str) -> None:
+        with self._conn() as conn:
+            conn.execute(QUERIES["worker_seen"], {"id": worker_id})
+
+    def worker_deregister(self, worker_id: str) -> None:
+        with self._conn() as conn:
+            conn.execute(QUERIES["worker_stopped"], {"id": worker_id})
+
+    def worker_list(self) -> list[WorkerInfo]:
+        return [WorkerInfo(**r) for r in self._all("list_workers")]
+
+    def stats(self) -> list[QueueStats]:
+        return build_stats(
+            self._all("stats_counts"), self._all("stats_oldest_due"), self._all("stats_limits")
+        )
+
+
+__all__ = ["PostgresBackend"]

@@ -1,0 +1,156 @@
+-- Named queries of the PostgreSQL backend (psycopg %(name)s parameters).
+
+-- name: db_now
+SELECT now() AS now
+
+-- name: insert_jobs
+INSERT INTO conveyor_jobs (task, queue, args, kwargs, priority, run_at, max_attempts, max_snoozes,
+                           deadline, timeout, unique_key, idempotency_key, concurrency_key,
+                           concurrency_limit)
+SELECT t.task, t.queue, t.args::jsonb, t.kwargs::jsonb, t.priority,
+       coalesce(t.run_at, now() + t.delay * interval '1 second'),
+       t.max_attempts, t.max_snoozes, t.deadline, t.timeout, t.unique_key, t.idempotency_key,
+       t.concurrency_key, t.concurrency_limit
+  FROM unnest(%(task)s::text[], %(queue)s::text[], %(args)s::text[], %(kwargs)s::text[],
+              %(priority)s::int[], %(run_at)s::timestamptz[], %(delay)s::float8[],
+              %(max_attempts)s::int[], %(max_snoozes)s::int[], %(deadline)s::float8[],
+              %(timeout)s::float8[], %(unique_key)s::text[], %(idempotency_key)s::text[],
+              %(concurrency_key)s::text[], %(concurrency_limit)s::int[])
+       WITH ORDINALITY AS t(task, queue, args, kwargs, priority, run_at, delay, max_attempts,
+                            max_snoozes, deadline, timeout, unique_key, idempotency_key,
+                            concurrency_key, concurrency_limit, ord)
+ ORDER BY t.ord
+ON CONFLICT DO NOTHING
+RETURNING *
+
+-- name: find_duplicates
+SELECT * FROM conveyor_jobs
+ WHERE idempotency_key = ANY(%(idempotency_keys)s::text[])
+    OR (unique_key = ANY(%(unique_keys)s::text[]) AND state IN ('queued', 'running', 'retrying'))
+
+-- name: claim
+SELECT * FROM conveyor_claim(%(worker)s, %(queues)s::text[], %(limit)s, %(lease)s)
+
+-- name: finish
+UPDATE conveyor_jobs j
+   SET state = o.state,
+       run_at = CASE WHEN o.state IN ('queued', 'retrying')
+                     THEN now() + o.delay * interval '1 second' ELSE j.run_at END,
+       finished_at = CASE WHEN o.state IN ('succeeded', 'dead', 'cancelled')
+                          THEN greatest(now(), j.attempted_at) END,
+       attempt = j.attempt - o.refund,
+       snoozes = j.snoozes + o.snoozed,
+       result = o.result::jsonb,
+       last_error = coalesce(o.error::jsonb, j.last_error),
+       errors = CASE WHEN o.error IS NULL THEN j.errors
+                     ELSE j.errors || jsonb_build_array(o.error::jsonb) END,
+       lease_owner = NULL, lease_expires_at = NULL, cancel_requested = false
+  FROM unnest(%(id)s::bigint[], %(attempt)s::int[], %(state)s::text[], %(delay)s::float8[],
+              %(result)s::text[], %(error)s::text[], %(refund)s::int[], %(snoozed)s::int[])
+       AS o(id, attempt, state, delay, result, error, refund, snoozed)
+ WHERE j.id = o.id AND j.state = 'running' AND j.attempt = o.attempt
+   AND j.lease_owner = %(worker)s
+RETURNING j.id
+
+-- name: heartbeat
+UPDATE conveyor_jobs
+   SET lease_expires_at = now() + %(lease)s * interval '1 second', heartbeat_at = now()
+ WHERE id = ANY(%(ids)s::bigint[]) AND state = 'running' AND lease_owner = %(worker)s
+RETURNING id, cancel_requested
+
+-- name: rescue_stuck
+WITH stuck AS (
+    SELECT id FROM conveyor_jobs
+     WHERE state = 'running' AND lease_expires_at < coalesce(%(now)s::timestamptz, now())
+     ORDER BY lease_expires_at
+     LIMIT 1000
+       FOR UPDATE SKIP LOCKED
+), rescued AS (
+    SELECT j.id,
+           CASE WHEN j.attempt >= j.max_attempts THEN 'dead' ELSE 'retrying' END AS new_state,
+           jsonb_build_object('attempt', j.attempt, 'at', now(), 'kind', 'lease_expired',
+                              'message', 'lease expired: worker ' || j.lease_owner || ' lost') AS error
+      FROM conveyor_jobs j JOIN stuck USING (id)
+)
+UPDATE conveyor_jobs j
+   SET state = r.new_state,
+       run_at = CASE WHEN r.new_state = 'retrying' THEN now() ELSE j.run_at END,
+       finished_at = CASE WHEN r.new_state = 'dead' THEN greatest(now(), j.attempted_at) END,
+       last_error = r.error, errors = j.errors || jsonb_build_array(r.error),
+       lease_owner = NULL, lease_expires_at = NULL, cancel_requested = false
+  FROM rescued r
+ WHERE j.id = r.id
+RETURNING j.*
+
+-- name: hand_back
+UPDATE conveyor_jobs
+   SET state = 'queued', run_at = now(), attempt = attempt - 1,
+       lease_owner = NULL, lease_expires_at = NULL, cancel_requested = false
+ WHERE id = ANY(%(ids)s::bigint[]) AND state = 'running' AND lease_owner = %(worker)s
+
+-- name: get_job
+SELECT * FROM conveyor_jobs WHERE id = %(id)s
+
+-- name: list_jobs
+SELECT * FROM conveyor_jobs
+ WHERE (%(state)s::text IS NULL OR state = %(state)s)
+   AND (%(queue)s::text IS NULL OR queue = %(queue)s)
+   AND (%(task)s::text IS NULL OR task = %(task)s)
+ ORDER BY id DESC
+ LIMIT %(limit)s
+
+-- name: cancel_waiting
+UPDATE conveyor_jobs
+   SET state = 'cancelled', finished_at = greatest(now(), attempted_at),
+       last_error = jsonb_build_object('attempt', attempt, 'at', now(), 'kind', 'cancelled',
+                                       'message', %(reason)s::text),
+       errors = errors || jsonb_build_array(jsonb_build_object(
+                    'attempt', attempt, 'at', now(), 'kind', 'cancelled', 'message', %(reason)s::text))
+ WHERE id = %(id)s AND state IN ('queued', 'retrying')
+RETURNING *
+
+-- name: cancel_running
+UPDATE conveyor_jobs SET cancel_requested = true
+ WHERE id = %(id)s AND state = 'running'
+RETURNING *
+
+-- name: retry_job
+UPDATE conveyor_jobs
+   SET state = 'queued', run_at = now(), attempt = 0, snoozes = 0, started_at = NULL,
+       attempted_at = NULL, finished_at = NULL, heartbeat_at = NULL, result = NULL,
+       cancel_requested = false
+ WHERE id = %(id)s AND state IN ('dead', 'cancelled')
+RETURNING *
+
+-- name: delete_job
+DELETE FROM conveyor_jobs WHERE id = %(id)s AND state <> 'running' RETURNING id
+
+-- name: configure_queue
+INSERT INTO conveyor_queues (name, concurrency_limit) VALUES (%(name)s, %(limit)s)
+ON CONFLICT (name) DO UPDATE SET concurrency_limit = excluded.concurrency_limit, updated_at = now()
+
+-- name: register_worker
+INSERT INTO conveyor_workers (id, host, pid, queues, concurrency)
+VALUES (%(id)s, %(host)s, %(pid)s, %(queues)s::jsonb, %(concurrency)s)
+ON CONFLICT (id) DO UPDATE SET last_seen_at = now(), stopped_at = NULL
+
+-- name: worker_seen
+UPDATE conveyor_workers SET last_seen_at = now() WHERE id = %(id)s
+
+-- name: worker_stopped
+UPDATE conveyor_workers SET stopped_at = now(), last_seen_at = now() WHERE id = %(id)s
+
+-- name: list_workers
+SELECT * FROM conveyor_workers ORDER BY last_seen_at DESC LIMIT 1000
+
+-- name: stats_counts
+SELECT queue, state, count(*) AS n FROM conveyor_jobs GROUP BY queue, state
+
+-- name: stats_oldest_due
+SELECT queue, extract(epoch FROM now() - min(run_at)) AS age
+  FROM conveyor_jobs
+ WHERE state IN ('queued', 'retrying') AND run_at <= now()
+ GROUP BY queue
+
+-- name: stats_limits
+SELECT name, concurrency_limit FROM conveyor_queues

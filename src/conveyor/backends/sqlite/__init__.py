@@ -1,0 +1,411 @@
+"""SQLite backend: one file in WAL mode; every write is one ``BEGIN IMMEDIATE`` transaction, and
+SQLITE_BUSY is retried here, never surfaced to callers."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
+
+from ... import sqlfile
+from ...errors import (
+    ConfigurationError,
+    ConveyorError,
+    DatabaseUnavailableError,
+    InvalidTransitionError,
+    JobNotFoundError,
+)
+from ...job import Job
+from ...states import Outcome
+from ..base import Backend, NewJob, QueueStats, WorkerInfo, build_stats, job_from_row, redact_url
+from ..dedupe import resolve_inserted
+from ..migrate import SQLITE_MIGRATIONS as MIGRATIONS
+from ..migrate import check_version
+
+T = TypeVar("T")
+
+_NOW = "((julianday('now') - 2440587.5) * 86400.0)"
+QUERIES = {k: v.replace("{now}", _NOW) for k, v in sqlfile.load(__name__).items()}
+_TIME_COLUMNS = [
+    "created_at",
+    "run_at",
+    "started_at",
+    "attempted_at",
+    "finished_at",
+    "heartbeat_at",
+    "lease_expires_at",
+    "last_seen_at",
+    "stopped_at",
+]
+_JSON_COLUMNS = ("args", "kwargs", "last_error", "errors", "result", "queues")
+#: How long a write keeps retrying SQLITE_BUSY before giving up with a clear error.
+BUSY_RETRY_SECONDS = 60.0
+
+
+def path_from_url(url: str) -> str:
+    parts = urlsplit(url)
+    raw = unquote(parts.netloc + parts.path)
+    path = raw[1:] if raw.startswith("/") else raw
+    if not path:
+        raise ConfigurationError(f"SQLite URL {url!r} names no file: use sqlite:///path/to/file.db")
+    if path == ":memory:" or path.startswith("file::memory:"):
+        raise ConfigurationError(
+            f"SQLite URL {url!r} is an in-memory database, which workers cannot share: use a file"
+        )
+    parent = Path(path).expanduser().resolve().parent
+    if not parent.is_dir():
+        raise ConfigurationError(f"SQLite URL {url!r}: directory {str(parent)!r} does not exist")
+    return str(Path(path).expanduser())
+
+
+def _to_time(value: float | None) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(value, UTC)
+
+
+def _from_time(value: datetime | None) -> float | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        raise ConfigurationError(f"datetime {value!r} has no timezone; pass an aware datetime")
+    return value.timestamp()
+
+
+def _convert(row: sqlite3.Row) -> dict[str, Any]:
+    out = dict(zip(row.keys(), row, strict=True))
+    for key in _TIME_COLUMNS:
+        if key in out:
+            out[key] = _to_time(out[key])
+    for key in _JSON_COLUMNS:
+        if key in out and out[key] is not None:
+            out[key] = json.loads(out[key])
+    return out
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return job_from_row(_convert(row))
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration into statements without executescript (which would commit)."""
+    out, buf = [], ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            if buf.strip():
+                out.append(buf.strip())
+            buf = ""
+    if buf.strip() and not all(
+        ln.strip().startswith("--") or not ln.strip() for ln in buf.splitlines()
+    ):
+        raise ConveyorError(f"incomplete statement in migration: {buf.strip()[:60]!r}")
+    return out
+
+
+class SQLiteBackend(Backend):
+    name = "sqlite"
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.path = path_from_url(url)
+        self._local = threading.local()
+        self._all_conns: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._conn()  # open now, so a bad file fails here with a clear error
+
+    # -- connections and transactions -----------------------------------------------------------
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn
+        try:
+            conn = sqlite3.connect(
+                self.path, timeout=5.0, isolation_level=None, check_same_thread=False
+            )
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA busy_timeout = 5000")
+            self._retry_busy(lambda: conn.execute("PRAGMA journal_mode = WAL"))
+            conn.execute("PRAGMA synchronous = NORMAL")
+        except sqlite3.DatabaseError as exc:
+            raise ConfigurationError(f"cannot open SQLite database {self.path!r}: {exc}") from None
+        self._local.conn = conn
+        with self._lock:
+            self._all_conns.append(conn)
+        return conn
+
+    def _retry_busy(self, fn: Callable[[], T]) -> T:
+        deadline = time.monotonic() + BUSY_RETRY_SECONDS
+        delay = 0.001
+        while True:
+            try:
+                return fn()
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc):
+                    raise
+                if time.monotonic() > deadline:
+                    raise DatabaseUnavailableError(
+                        f"SQLite database {self.path!r} stayed locked for "
+                        f"{BUSY_RETRY_SECONDS:g} s: {exc}"
+                    ) from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
+
+    def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` in one BEGIN IMMEDIATE transaction, retrying the whole of it on SQLITE_BUSY."""
+        conn = self._conn()
+
+        def attempt() -> T:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn)
+                conn.execute("COMMIT")
+                return result
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+        return self._retry_busy(attempt)
+
+    def _read(self, query: str, params: dict[str, Any] | None = None) -> list[sqlite3.Row]:
+        conn = self._conn()
+        return self._retry_busy(lambda: conn.execute(QUERIES[query], params or {}).fetchall())
+
+    def _write_rows(self, query: str, params: dict[str, Any]) -> list[sqlite3.Row]:
+        return self._write(lambda c: c.execute(QUERIES[query], params).fetchall())
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._all_conns:
+                conn.close()
+            self._all_conns.clear()
+        self._local = threading.local()
+
+    # -- schema ---------------------------------------------------------------------------------
+    def migrate(self) -> list[int]:
+        def run(conn: sqlite3.Connection) -> list[int]:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS conveyor_migrations ("
+                " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
+            )
+            current = self._version(conn)
+            check_version(current, self.url, allow_missing=True)
+            applied = []
+            for version, name, sql in MIGRATIONS:
+                if version <= (current or 0):
+                    continue
+                for statement in _statements(sql):
+                    conn.execute(statement)
+                conn.execute(
+                    f"INSERT INTO conveyor_migrations (version, name, applied_at) "
+                    f"VALUES (?, ?, {_NOW})",
+                    (version, name),
+                )
+                applied.append(version)
+            return applied
+
+        return self._write(run)
+
+    @staticmethod
+    def _version(conn: sqlite3.Connection) -> int | None:
+        exists = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'conveyor_migrations'"
+        ).fetchone()
+        if exists is None:
+            return None
+        row = conn.execute("SELECT max(version) FROM conveyor_migrations").fetchone()
+        return None if row[0] is None else int(row[0])
+
+    def schema_version(self) -> int | None:
+        conn = self._conn()
+        return self._retry_busy(lambda: self._version(conn))
+
+    def db_now(self) -> datetime:
+        value = _to_time(self._read("db_now")[0]["now"])
+        assert value is not None
+        return value
+
+    # -- jobs -----------------------------------------------------------------------------------
+    def job_insert_many(self, jobs: Sequence[NewJob], connection: Any = None) -> list[Job]:
+        if not jobs:
+            return []
+        if connection is not None:
+            if not isinstance(connection, sqlite3.Connection):
+                raise ConfigurationError(
+                    f"connection= must be a sqlite3.Connection for a SQLite app, "
+                    f"not {type(connection).__name__}"
+                )
+            return self._insert_on(connection, jobs)
+        return self._write(lambda conn: self._insert_on(conn, jobs))
+
+    @staticmethod
+    def _insert_on(conn: sqlite3.Connection, jobs: Sequence[NewJob]) -> list[Job]:
+        def rows(query: str, params: dict[str, Any]) -> list[sqlite3.Row]:
+            cur = conn.cursor()
+            cur.row_factory = sqlite3.Row
+            return cur.execute(QUERIES[query], params).fetchall()
+
+        def insert(batch: Sequence[NewJob]) -> list[Job]:
+            out: list[Job] = []
+            for job in batch:
+                params = {k: getattr(job, k) for k in NewJob.__dataclass_fields__}
+                params["run_at"] = _from_time(job.run_at)
+                out.extend(_job(r) for r in rows("insert_job", params))
+            return out
+
+        def find(idem: list[str], uniq: list[str]) -> list[Job]:
+            params = {"idempotency_keys": json.dumps(idem), "unique_keys": json.dumps(uniq)}
+            return [_job(r) for r in rows("find_duplicates", params)]
+
+        return resolve_inserted(jobs, insert, find)
+
+    def job_fetch_available(
+        self, worker_id: str, queues: Sequence[str], limit: int, lease: float
+    ) -> list[Job]:
+        if limit <= 0 or not queues:
+            return []
+        qjson = json.dumps(list(queues))
+
+        def claim(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+            limited = [r[0] for r in conn.execute(QUERIES["limited_queues"], {"queues": qjson})]
+            ljson = json.dumps(limited)
+            params = {"worker": worker_id, "lease": lease, "limit": limit, "limited": ljson}
+            claimed: list[sqlite3.Row] = []
+            due = conn.execute(QUERIES["limited_due"], {"queues": qjson, "limited": ljson})
+            if due.fetchone()[0]:
+                params.update(queues=qjson, scan=limit * 4)
+                claimed = conn.execute(QUERIES["claim_limited"], params).fetchall()
+            unlimited = [q for q in queues if q not in limited]
+            if len(claimed) < limit and unlimited:
+                params.update(queues=json.dumps(unlimited), limit=limit - len(claimed))
+                claimed += conn.execute(QUERIES["claim"], params).fetchall()
+            return claimed
+
+        jobs = [_job(r) for r in self._write(claim)]
+        jobs.sort(key=lambda j: (-j.priority, j.run_at, j.id))
+        return jobs
+
+    def job_finish_many(self, worker_id: str, outcomes: Sequence[Outcome]) -> set[int]:
+        if not outcomes:
+            return set()
+
+        def finish(conn: sqlite3.Connection) -> set[int]:
+            applied: set[int] = set()
+            for o in outcomes:
+                params = {
+                    "worker": worker_id,
+                    "id": o.job_id,
+                    "attempt": o.attempt,
+                    "state": str(o.state),
+                    "delay": o.delay,
+                    "result": o.result,
+                    "error": None if o.error is None else json.dumps(o.error),
+                    "refund": int(o.refund_attempt),
+                    "snoozed": int(o.snoozed),
+                }
+                applied.update(r[0] for r in conn.execute(QUERIES["finish"], params))
+            return applied
+
+        return self._write(finish)
+
+    def job_heartbeat(
+        self, worker_id: str, job_ids: Sequence[int], lease: float
+    ) -> dict[int, bool]:
+        if not job_ids:
+            return {}
+        params = {"worker": worker_id, "ids": json.dumps(list(job_ids)), "lease": lease}
+        return {r["id"]: bool(r["cancel_requested"]) for r in self._write_rows("heartbeat", params)}
+
+    def job_rescue_stuck(self, now: datetime | None = None) -> list[Job]:
+        return [_job(r) for r in self._write_rows("rescue_stuck", {"now": _from_time(now)})]
+
+    def job_hand_back(self, worker_id: str, job_ids: Sequence[int]) -> int:
+        if not job_ids:
+            return 0
+        params = {"worker": worker_id, "ids": json.dumps(list(job_ids))}
+        return self._write(lambda c: c.execute(QUERIES["hand_back"], params).rowcount)
+
+    def _one_job(self, query: str, job_id: int, **params: Any) -> Job | None:
+        rows = self._write_rows(query, {"id": job_id, **params})
+        return _job(rows[0]) if rows else None
+
+    def job_get(self, job_id: int) -> Job:
+        rows = self._read("get_job", {"id": job_id})
+        if not rows:
+            raise JobNotFoundError(f"no job with id {job_id}")
+        return _job(rows[0])
+
+    def job_list(
+        self,
+        state: str | None = None,
+        queue: str | None = None,
+        task: str | None = None,
+        limit: int = 100,
+    ) -> list[Job]:
+        params = {"state": state, "queue": queue, "task": task, "limit": limit}
+        return [_job(r) for r in self._read("list_jobs", params)]
+
+    def job_cancel(self, job_id: int, reason: str = "cancelled by request") -> Job:
+        job = self._one_job("cancel_waiting", job_id, reason=reason)
+        job = job or self._one_job("cancel_running", job_id)
+        return job or self.job_get(job_id)
+
+    def job_retry(self, job_id: int) -> Job:
+        job = self._one_job("retry_job", job_id)
+        if job is None:
+            current = self.job_get(job_id)
+            raise InvalidTransitionError(
+                f"job {job_id} is {current.state}; only dead or cancelled jobs can be retried"
+            )
+        return job
+
+    def job_delete(self, job_id: int) -> bool:
+        if self._write_rows("delete_job", {"id": job_id}):
+            return True
+        try:
+            current = self.job_get(job_id)
+        except JobNotFoundError:
+            return False
+        raise InvalidTransitionError(f"job {job_id} is {current.state}; cancel it before deleting")
+
+    # -- queues, workers, stats -----------------------------------------------------------------
+    def queue_configure(self, name: str, concurrency: int | None) -> None:
+        self._write_rows("configure_queue", {"name": name, "limit": concurrency})
+
+    def worker_register(self, info: WorkerInfo) -> None:
+        params = {
+            "id": info.id,
+            "host": info.host,
+            "pid": info.pid,
+            "queues": json.dumps(info.queues),
+            "concurrency": info.concurrency,
+        }
+        self._write_rows("register_worker", params)
+
+    def worker_heartbeat(self, worker_id: str) -> None:
+        self._write_rows("worker_seen", {"id": worker_id})
+
+    def worker_deregister(self, worker_id: str) -> None:
+        self._write_rows("worker_stopped", {"id": worker_id})
+
+    def worker_list(self) -> list[WorkerInfo]:
+        return [WorkerInfo(**_convert(r)) for r in self._read("list_workers")]
+
+    def stats(self) -> list[QueueStats]:
+        def rows(name: str) -> list[dict[str, Any]]:
+            return [dict(zip(r.keys(), r, strict=True)) for r in self._read(name)]
+
+        return build_stats(rows("stats_counts"), rows("stats_oldest_due"), rows("stats_limits"))
+
+
+__all__ = ["SQLiteBackend", "path_from_url", "redact_url"]

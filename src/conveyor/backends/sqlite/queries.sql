@@ -1,0 +1,212 @@
+-- Named queries of the SQLite backend (:name parameters). {now} stands for the database clock in
+-- seconds since the epoch, (julianday('now') - 2440587.5) * 86400.0, fixed within one statement.
+-- Lists (queues, ids) are passed as JSON arrays and read with json_each.
+
+-- name: db_now
+SELECT {now} AS now
+
+-- name: insert_job
+INSERT INTO conveyor_jobs (task, queue, args, kwargs, priority, created_at, run_at, max_attempts,
+                           max_snoozes, deadline, timeout, unique_key, idempotency_key,
+                           concurrency_key, concurrency_limit)
+VALUES (:task, :queue, :args, :kwargs, :priority, {now}, coalesce(:run_at, {now} + :delay),
+        :max_attempts, :max_snoozes, :deadline, :timeout, :unique_key, :idempotency_key,
+        :concurrency_key, :concurrency_limit)
+ON CONFLICT DO NOTHING
+RETURNING *
+
+-- name: find_duplicates
+SELECT * FROM conveyor_jobs
+ WHERE idempotency_key IN (SELECT value FROM json_each(:idempotency_keys))
+    OR (unique_key IN (SELECT value FROM json_each(:unique_keys))
+        AND state IN ('queued', 'running', 'retrying'))
+
+-- name: limited_queues
+SELECT name FROM conveyor_queues
+ WHERE name IN (SELECT value FROM json_each(:queues)) AND concurrency_limit IS NOT NULL
+
+-- name: limited_due
+SELECT EXISTS (SELECT 1 FROM conveyor_jobs
+                WHERE state IN ('queued', 'retrying') AND concurrency_key IS NOT NULL
+                  AND queue IN (SELECT value FROM json_each(:queues)) AND run_at <= {now})
+    OR EXISTS (SELECT 1 FROM conveyor_jobs
+                WHERE state IN ('queued', 'retrying') AND concurrency_key IS NULL
+                  AND queue IN (SELECT value FROM json_each(:limited)) AND run_at <= {now}) AS due
+
+-- name: claim_limited
+WITH queue_room AS (
+    SELECT q.name, q.concurrency_limit - (
+               SELECT count(*) FROM conveyor_jobs r
+                WHERE r.state = 'running' AND r.queue = q.name) AS room
+      FROM conveyor_queues q WHERE q.name IN (SELECT value FROM json_each(:limited))
+), candidates AS (
+    SELECT j.id, j.queue, j.concurrency_key, j.concurrency_limit, j.priority, j.run_at
+      FROM conveyor_jobs j
+     WHERE j.state IN ('queued', 'retrying') AND j.run_at <= {now}
+       AND j.queue IN (SELECT value FROM json_each(:queues))
+       AND (j.concurrency_key IS NOT NULL OR j.queue IN (SELECT value FROM json_each(:limited)))
+       AND (j.concurrency_key IS NULL OR (
+               SELECT count(*) FROM conveyor_jobs r
+                WHERE r.state = 'running' AND r.concurrency_key = j.concurrency_key
+           ) < j.concurrency_limit)
+       AND NOT EXISTS (SELECT 1 FROM queue_room qr WHERE qr.name = j.queue AND qr.room <= 0)
+     ORDER BY j.priority DESC, j.run_at, j.id
+     LIMIT :scan
+), ranked AS (
+    SELECT c.*,
+           row_number() OVER (PARTITION BY c.concurrency_key
+                              ORDER BY c.priority DESC, c.run_at, c.id) AS krank,
+           row_number() OVER (PARTITION BY c.queue
+                              ORDER BY c.priority DESC, c.run_at, c.id) AS qrank
+      FROM candidates c
+), chosen AS (
+    SELECT r.id
+      FROM ranked r LEFT JOIN queue_room qr ON qr.name = r.queue
+     WHERE (r.concurrency_key IS NULL OR r.krank + (
+               SELECT count(*) FROM conveyor_jobs x
+                WHERE x.state = 'running' AND x.concurrency_key = r.concurrency_key
+           ) <= r.concurrency_limit)
+       AND (qr.name IS NULL OR r.qrank <= qr.room)
+     ORDER BY r.priority DESC, r.run_at, r.id
+     LIMIT :limit
+)
+UPDATE conveyor_jobs
+   SET state = 'running', attempt = attempt + 1, attempted_at = {now},
+       started_at = coalesce(started_at, {now}), heartbeat_at = {now},
+       lease_owner = :worker, lease_expires_at = {now} + :lease,
+       finished_at = NULL, cancel_requested = 0
+ WHERE id IN (SELECT id FROM chosen)
+RETURNING *
+
+-- name: claim
+UPDATE conveyor_jobs
+   SET state = 'running', attempt = attempt + 1, attempted_at = {now},
+       started_at = coalesce(started_at, {now}), heartbeat_at = {now},
+       lease_owner = :worker, lease_expires_at = {now} + :lease,
+       finished_at = NULL, cancel_requested = 0
+ WHERE id IN (SELECT id FROM conveyor_jobs
+               WHERE state IN ('queued', 'retrying') AND concurrency_key IS NULL
+                 AND queue IN (SELECT value FROM json_each(:queues)) AND run_at <= {now}
+               ORDER BY priority DESC, run_at, id
+               LIMIT :limit)
+RETURNING *
+
+-- name: finish
+UPDATE conveyor_jobs
+   SET state = :state,
+       run_at = CASE WHEN :state IN ('queued', 'retrying') THEN {now} + :delay ELSE run_at END,
+       finished_at = CASE WHEN :state IN ('succeeded', 'dead', 'cancelled')
+                          THEN max({now}, attempted_at) END,
+       attempt = attempt - :refund,
+       snoozes = snoozes + :snoozed,
+       result = :result,
+       last_error = coalesce(:error, last_error),
+       errors = CASE WHEN :error IS NULL THEN errors
+                     ELSE json_insert(errors, '$[#]', json(:error)) END,
+       lease_owner = NULL, lease_expires_at = NULL, cancel_requested = 0
+ WHERE id = :id AND state = 'running' AND attempt = :attempt AND lease_owner = :worker
+RETURNING id
+
+-- name: heartbeat
+UPDATE conveyor_jobs
+   SET lease_expires_at = {now} + :lease, heartbeat_at = {now}
+ WHERE id IN (SELECT value FROM json_each(:ids)) AND state = 'running' AND lease_owner = :worker
+RETURNING id, cancel_requested
+
+-- name: rescue_stuck
+WITH stuck AS (
+    SELECT id,
+           CASE WHEN attempt >= max_attempts THEN 'dead' ELSE 'retrying' END AS new_state,
+           json_object('attempt', attempt,
+                       'at', strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now'),
+                       'kind', 'lease_expired',
+                       'message', 'lease expired: worker ' || lease_owner || ' lost') AS error
+      FROM conveyor_jobs
+     WHERE state = 'running' AND lease_expires_at < coalesce(:now, {now})
+     ORDER BY lease_expires_at
+     LIMIT 1000
+)
+UPDATE conveyor_jobs AS j
+   SET state = s.new_state,
+       run_at = CASE WHEN s.new_state = 'retrying' THEN {now} ELSE j.run_at END,
+       finished_at = CASE WHEN s.new_state = 'dead' THEN max({now}, j.attempted_at) END,
+       last_error = s.error, errors = json_insert(j.errors, '$[#]', json(s.error)),
+       lease_owner = NULL, lease_expires_at = NULL, cancel_requested = 0
+  FROM stuck s
+ WHERE j.id = s.id
+RETURNING *
+
+-- name: hand_back
+UPDATE conveyor_jobs
+   SET state = 'queued', run_at = {now}, attempt = attempt - 1,
+       lease_owner = NULL, lease_expires_at = NULL, cancel_requested = 0
+ WHERE id IN (SELECT value FROM json_each(:ids)) AND state = 'running' AND lease_owner = :worker
+
+-- name: get_job
+SELECT * FROM conveyor_jobs WHERE id = :id
+
+-- name: list_jobs
+SELECT * FROM conveyor_jobs
+ WHERE (:state IS NULL OR state = :state)
+   AND (:queue IS NULL OR queue = :queue)
+   AND (:task IS NULL OR task = :task)
+ ORDER BY id DESC
+ LIMIT :limit
+
+-- name: cancel_waiting
+UPDATE conveyor_jobs
+   SET state = 'cancelled', finished_at = max({now}, coalesce(attempted_at, {now})),
+       last_error = json_object('attempt', attempt,
+                                'at', strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now'),
+                                'kind', 'cancelled', 'message', :reason),
+       errors = json_insert(errors, '$[#]', json_object(
+                    'attempt', attempt, 'at', strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now'),
+                    'kind', 'cancelled', 'message', :reason))
+ WHERE id = :id AND state IN ('queued', 'retrying')
+RETURNING *
+
+-- name: cancel_running
+UPDATE conveyor_jobs SET cancel_requested = 1
+ WHERE id = :id AND state = 'running'
+RETURNING *
+
+-- name: retry_job
+UPDATE conveyor_jobs
+   SET state = 'queued', run_at = {now}, attempt = 0, snoozes = 0, started_at = NULL,
+       attempted_at = NULL, finished_at = NULL, heartbeat_at = NULL, result = NULL,
+       cancel_requested = 0
+ WHERE id = :id AND state IN ('dead', 'cancelled')
+RETURNING *
+
+-- name: delete_job
+DELETE FROM conveyor_jobs WHERE id = :id AND state <> 'running' RETURNING id
+
+-- name: configure_queue
+INSERT INTO conveyor_queues (name, concurrency_limit, updated_at) VALUES (:name, :limit, {now})
+ON CONFLICT (name) DO UPDATE SET concurrency_limit = excluded.concurrency_limit, updated_at = {now}
+
+-- name: register_worker
+INSERT INTO conveyor_workers (id, host, pid, queues, concurrency, started_at, last_seen_at)
+VALUES (:id, :host, :pid, :queues, :concurrency, {now}, {now})
+ON CONFLICT (id) DO UPDATE SET last_seen_at = {now}, stopped_at = NULL
+
+-- name: worker_seen
+UPDATE conveyor_workers SET last_seen_at = {now} WHERE id = :id
+
+-- name: worker_stopped
+UPDATE conveyor_workers SET stopped_at = {now}, last_seen_at = {now} WHERE id = :id
+
+-- name: list_workers
+SELECT * FROM conveyor_workers ORDER BY last_seen_at DESC LIMIT 1000
+
+-- name: stats_counts
+SELECT queue, state, count(*) AS n FROM conveyor_jobs GROUP BY queue, state
+
+-- name: stats_oldest_due
+SELECT queue, {now} - min(run_at) AS age
+  FROM conveyor_jobs
+ WHERE state IN ('queued', 'retrying') AND run_at <= {now}
+ GROUP BY queue
+
+-- name: stats_limits
+SELECT name, concurrency_limit FROM conveyor_queues

@@ -1,0 +1,62 @@
+"""What a running task can raise or ask: Snooze, Cancel, and the current job's context."""
+
+from __future__ import annotations
+
+import contextvars
+import math
+import threading
+from dataclasses import dataclass, field
+
+from .errors import ConfigurationError
+from .job import Job
+
+
+class Snooze(Exception):
+    """Raise to run the job again after ``seconds``. Not a failure: the attempt is refunded and
+    ``snoozes`` counted; only the task's ``max_snoozes`` or ``deadline`` can end it."""
+
+    def __init__(self, seconds: float = 0.0) -> None:
+        if not isinstance(seconds, int | float) or not math.isfinite(seconds) or seconds < 0:
+            raise ConfigurationError(
+                f"Snooze seconds must be a finite number >= 0, not {seconds!r}"
+            )
+        super().__init__(f"snooze {seconds:g} s")
+        self.seconds = float(seconds)
+
+
+class Cancel(Exception):
+    """Raise to end the job as cancelled (no retry)."""
+
+    def __init__(self, reason: str = "cancelled by the task") -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class JobContext:
+    """The running attempt, as seen from inside a task (``conveyor.current_job()``)."""
+
+    job: Job
+    worker_id: str
+    _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def cancel_requested(self) -> bool:
+        """True once cancellation was requested (or the attempt was abandoned). Sync tasks poll
+        this; async tasks are cancelled directly."""
+        return self._cancel.is_set()
+
+    def raise_if_cancelled(self) -> None:
+        if self._cancel.is_set():
+            raise Cancel("cancelled by request")
+
+
+_current: contextvars.ContextVar[JobContext] = contextvars.ContextVar("conveyor_job")
+
+
+def current_job() -> JobContext:
+    """The context of the job this code runs in; LookupError outside a task."""
+    try:
+        return _current.get()
+    except LookupError:
+        raise LookupError("current_job() called outside a Conveyor task") from None

@@ -1,0 +1,33 @@
+"""The rescuer: jobs whose worker died (their lease expired) go back to retrying, or dead."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+
+from ..backends.base import Backend
+from ..job import Job
+
+logger = logging.getLogger("conveyor.rescuer")
+_BATCH = 1000  # the backends rescue at most this many per statement
+
+
+class Rescuer:
+    """Any live worker runs this periodically; concurrent runs are safe (each stuck job is
+    rescued once, by whichever statement locks it first)."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    def run_once(self, now: datetime | None = None) -> list[Job]:
+        """Rescue every job whose lease expired before ``now`` (default: the database clock)."""
+        rescued: list[Job] = []
+        while True:
+            batch = self.backend.job_rescue_stuck(now)
+            rescued.extend(batch)
+            for job in batch:
+                logger.warning(
+                    "rescued job %s (%s): %s -> %s", job.id, job.task, job.error, job.state
+                )
+            if len(batch) < _BATCH:
+                return rescued

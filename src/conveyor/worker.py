@@ -1,0 +1,404 @@
+"""The worker: claims jobs, runs async tasks on its event loop and sync tasks in a thread pool,
+heartbeats their leases, writes their outcomes in batches, and rescues jobs of dead workers.
+
+All database work runs in a small thread pool beside the event loop, so the loop never blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+import os
+import socket
+import time
+import traceback
+import uuid
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from . import serialization, states
+from .backends.base import WorkerInfo
+from .control import Cancel, JobContext, Snooze, _current
+from .errors import InvalidArgumentsError
+from .job import Job, JobState
+from .options import check_queue_name
+from .services.rescuer import Rescuer
+from .states import Outcome
+
+if TYPE_CHECKING:
+    from .app import Conveyor, Task
+
+logger = logging.getLogger("conveyor.worker")
+T = TypeVar("T")
+
+
+@dataclass
+class _Attempt:
+    """One claimed job being run by this worker."""
+
+    job: Job
+    ctx: JobContext
+    started: float  # time.monotonic() at claim
+    is_async: bool = False
+    inner: asyncio.Future[Any] | None = None
+    runner: asyncio.Task[None] | None = None
+    abandoned: bool = False  # lease lost, or handed back at shutdown: write no outcome
+
+    def db_now(self) -> datetime:
+        """The database clock now, from the claim's database time plus monotonic time since."""
+        assert self.job.attempted_at is not None
+        return self.job.attempted_at + timedelta(seconds=time.monotonic() - self.started)
+
+
+@dataclass
+class WorkerStats:
+    claimed: int = 0
+    outcomes: Counter[str] = field(default_factory=Counter)
+    rejected: int = 0  # outcomes refused by fencing (the job was no longer ours)
+    handed_back: int = 0
+    rescued: int = 0
+
+
+class Worker:
+    """Run jobs from ``queues`` (default: every queue the app's tasks name)."""
+
+    def __init__(
+        self,
+        app: Conveyor,
+        *,
+        queues: Sequence[str] | None = None,
+        concurrency: int = 10,
+        lease: float = 30.0,
+        poll_interval: float = 1.0,
+        grace: float = 30.0,
+        rescue_interval: float | None = None,
+        batch_size: int = 100,
+        batch_window: float = 0.002,
+        worker_id: str | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, not {concurrency}")
+        if lease <= 0 or poll_interval <= 0 or grace < 0:
+            raise ValueError("lease and poll_interval must be > 0 and grace >= 0")
+        self.app = app
+        self.queues = [check_queue_name(q) for q in (queues or app.default_queues())]
+        self.concurrency = concurrency
+        self.lease = lease
+        self.poll_interval = poll_interval
+        self.grace = grace
+        self.heartbeat_interval = lease / 3
+        self.rescue_interval = (
+            rescue_interval if rescue_interval is not None else min(lease / 2, 15.0)
+        )
+        self.batch_size = batch_size
+        self.batch_window = batch_window
+        self.id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.stats = WorkerStats()
+        self._attempts: dict[int, _Attempt] = {}
+        self._outbox: list[Outcome] = []
+        self._stopping = False
+        self._db_pool = ThreadPoolExecutor(4, thread_name_prefix="conveyor-db")
+        self._task_pool = ThreadPoolExecutor(concurrency, thread_name_prefix="conveyor-task")
+
+    @property
+    def outcome_counts(self) -> Counter[str]:
+        return self.stats.outcomes
+
+    @property
+    def running_job_ids(self) -> list[int]:
+        return list(self._attempts)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def run(self, until_idle: bool = False) -> None:
+        """Work until ``stop()`` (or, with ``until_idle``, until no due job is left)."""
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._outbox_ready = asyncio.Event()
+        self._flush_lock = asyncio.Lock()
+        backend = self.app.backend
+        await self._db(self.app.apply_queue_limits)
+        info = WorkerInfo(self.id, socket.gethostname(), os.getpid(), self.queues, self.concurrency)
+        await self._db(backend.worker_register, info)
+        remove_wake = self.app.add_wake_callback(self._wake_threadsafe)
+        services = [
+            asyncio.create_task(self._every(self.heartbeat_interval, self._heartbeat_once)),
+            asyncio.create_task(self._every(self.rescue_interval, self._rescue_once)),
+            asyncio.create_task(self._completer()),
+        ]
+        try:
+            await self._fetch_loop(until_idle)
+            await self._finish_running()
+        finally:
+            remove_wake()
+            for service in services:
+                service.cancel()
+            await asyncio.gather(*services, return_exceptions=True)
+            await self._flush(give_up_after=10.0)
+            await self._quietly(backend.worker_deregister, self.id)
+            self._task_pool.shutdown(wait=False, cancel_futures=True)
+            self._db_pool.shutdown(wait=True)
+
+    def stop(self) -> None:
+        """Stop claiming; running jobs get ``grace`` seconds, then go back to the queue."""
+        self._stopping = True
+        if hasattr(self, "_loop"):
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    def _wake_threadsafe(self) -> None:
+        self._loop.call_soon_threadsafe(self._wake.set)
+
+    async def _db(self, fn: Callable[..., T], *args: Any) -> T:
+        return await self._loop.run_in_executor(self._db_pool, fn, *args)
+
+    async def _quietly(self, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            await self._db(fn, *args)
+        except Exception as exc:
+            logger.warning("worker %s: %s failed: %s", self.id, getattr(fn, "__name__", fn), exc)
+
+    async def _every(self, interval: float, fn: Callable[[], Any]) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await fn()
+            except Exception:
+                logger.exception("worker %s: %s failed", self.id, getattr(fn, "__name__", fn))
+
+    async def _wait_wake(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        self._wake.clear()
+
+    # -- claiming -------------------------------------------------------------------------------
+    async def _fetch_loop(self, until_idle: bool) -> None:
+        failures = 0
+        while not self._stopping:
+            free = self.concurrency - len(self._attempts)
+            if free <= 0:
+                await self._wait_wake(self.poll_interval)
+                continue
+            if until_idle:
+                await self._flush()
+            try:
+                jobs = await self._db(
+                    self.app.backend.job_fetch_available, self.id, self.queues, free, self.lease
+                )
+                failures = 0
+            except Exception as exc:
+                failures += 1
+                logger.warning("worker %s: claim failed (%s); retrying", self.id, exc)
+                await self._wait_wake(min(self.poll_interval * failures, 5.0))
+                continue
+            for job in jobs:
+                self._start(job)
+            if jobs:
+                continue
+            if until_idle and not self._attempts and not self._outbox:
+                return
+            await self._wait_wake(self.poll_interval)
+
+    def _start(self, job: Job) -> None:
+        self.stats.claimed += 1
+        attempt = _Attempt(job, JobContext(job, self.id), time.monotonic())
+        self._attempts[job.id] = attempt
+        attempt.runner = asyncio.create_task(self._execute(attempt))
+
+    # -- running --------------------------------------------------------------------------------
+    async def _execute(self, attempt: _Attempt) -> None:
+        try:
+            outcome = await self._outcome_of(attempt)
+        except Exception as exc:  # a bug in Conveyor: still end the attempt, never lose the job
+            logger.exception("worker %s: internal error running job %s", self.id, attempt.job.id)
+            outcome = self._failure(attempt, "internal", f"internal error: {exc!r}")
+        if outcome is not None and not attempt.abandoned:
+            self._outbox.append(outcome)
+            self._outbox_ready.set()
+        self._attempts.pop(attempt.job.id, None)
+        self._wake.set()
+
+    async def _outcome_of(self, attempt: _Attempt) -> Outcome | None:
+        job = attempt.job
+        task = self.app.tasks.get(job.task)
+        if task is None:
+            return self._dead(attempt, "unknown_task", f"no task named {job.task!r} is registered")
+        if not isinstance(job.args, list) or not isinstance(job.kwargs, dict):
+            return self._dead(
+                attempt,
+                "bad_arguments",
+                f"job {job.id} has unusable arguments: args must be a JSON array and kwargs a "
+                f"JSON object, got {type(job.args).__name__} and {type(job.kwargs).__name__}",
+            )
+        attempt.is_async = task.is_async
+        inner = self._spawn(task, attempt)
+        attempt.inner = inner
+        done, _ = await asyncio.wait({inner}, timeout=job.timeout)
+        if not done:
+            self._interrupt(attempt)
+            return self._failure(
+                attempt, "timeout", f"job {job.id} exceeded its {job.timeout:g} s timeout", task
+            )
+        if attempt.abandoned:
+            return None
+        return self._classify(attempt, inner, task)
+
+    def _spawn(self, task: Task[Any, Any], attempt: _Attempt) -> asyncio.Future[Any]:
+        job = attempt.job
+        token = _current.set(attempt.ctx)
+        try:
+            if task.is_async:
+
+                async def run_async() -> Any:
+                    return await task.fn(*job.args, **job.kwargs)
+
+                return asyncio.ensure_future(run_async())
+            ctx = contextvars.copy_context()
+            return asyncio.wrap_future(
+                self._task_pool.submit(ctx.run, task.fn, *job.args, **job.kwargs)
+            )
+        finally:
+            _current.reset(token)
+
+    def _classify(
+        self, attempt: _Attempt, inner: asyncio.Future[Any], task: Task[Any, Any]
+    ) -> Outcome | None:
+        job = attempt.job
+        if inner.cancelled():
+            if attempt.ctx.cancel_requested:
+                return states.cancel(job, "cancelled by request", attempt.db_now())
+            return None
+        exc = inner.exception()
+        if exc is None:
+            try:
+                text = serialization.dumps(inner.result(), "result", self.app.max_payload_bytes)
+            except InvalidArgumentsError as bad:
+                return self._failure(attempt, "bad_result", f"result cannot be stored: {bad}", task)
+            return states.succeed(job, text)
+        if isinstance(exc, Snooze):
+            return states.snooze(job, exc.seconds, attempt.db_now())
+        if isinstance(exc, Cancel):
+            return states.cancel(job, exc.reason, attempt.db_now())
+        trace = "".join(traceback.format_exception(exc))
+        message = f"{type(exc).__name__}: {exc}"
+        logger.warning("job %s (%s) attempt %s failed: %s", job.id, job.task, job.attempt, message)
+        return self._failure(attempt, "error", message, task, trace)
+
+    def _failure(
+        self,
+        attempt: _Attempt,
+        kind: str,
+        message: str,
+        task: Task[Any, Any] | None = None,
+        trace: str | None = None,
+    ) -> Outcome:
+        backoff = task.backoff if task is not None else states.Backoff()
+        return states.fail(attempt.job, kind, message, attempt.db_now(), backoff, trace)
+
+    def _dead(self, attempt: _Attempt, kind: str, message: str) -> Outcome:
+        logger.error("job %s: %s", attempt.job.id, message)
+        entry = states.error_entry(attempt.job, kind, message, attempt.db_now())
+        return Outcome(attempt.job.id, attempt.job.attempt, JobState.DEAD, error=entry)
+
+    def _interrupt(self, attempt: _Attempt) -> None:
+        """Tell the task to stop: async tasks are cancelled, sync tasks see the flag."""
+        attempt.ctx._cancel.set()
+        if attempt.is_async and attempt.inner is not None:
+            attempt.inner.cancel()
+
+    def _abandon(self, attempt: _Attempt, why: str) -> None:
+        logger.warning("worker %s: abandoning job %s: %s", self.id, attempt.job.id, why)
+        attempt.abandoned = True
+        self._interrupt(attempt)
+
+    # -- outcomes -------------------------------------------------------------------------------
+    async def _completer(self) -> None:
+        while True:
+            await self._outbox_ready.wait()
+            if len(self._outbox) < self.batch_size:
+                await asyncio.sleep(self.batch_window)
+            try:
+                await self._flush()
+            except Exception:
+                logger.exception("worker %s: writing outcomes failed", self.id)
+                await asyncio.sleep(0.5)
+
+    async def _flush(self, give_up_after: float | None = None) -> None:
+        """Write every pending outcome (fenced), retrying database errors."""
+        started = time.monotonic()
+        async with self._flush_lock:
+            self._outbox_ready.clear()
+            while self._outbox:
+                batch = self._outbox[: self.batch_size]
+                try:
+                    applied = await self._db(self.app.backend.job_finish_many, self.id, batch)
+                except Exception as exc:
+                    if give_up_after is not None and time.monotonic() - started > give_up_after:
+                        logger.error(
+                            "worker %s: giving up writing %d outcomes: %s",
+                            self.id,
+                            len(self._outbox),
+                            exc,
+                        )
+                        self._outbox.clear()
+                        return
+                    logger.warning(
+                        "worker %s: writing outcomes failed (%s); retrying", self.id, exc
+                    )
+                    await asyncio.sleep(0.2)
+                    continue
+                del self._outbox[: len(batch)]
+                for outcome in batch:
+                    if outcome.job_id in applied:
+                        self.stats.outcomes[str(outcome.state)] += 1
+                    else:
+                        self.stats.rejected += 1
+                        logger.warning(
+                            "worker %s: outcome of job %s attempt %s rejected: no longer ours",
+                            self.id,
+                            outcome.job_id,
+                            outcome.attempt,
+                        )
+            self._wake.set()
+
+    # -- leases and maintenance -----------------------------------------------------------------
+    async def _heartbeat_once(self) -> None:
+        ids = [*self._attempts, *(o.job_id for o in self._outbox)]
+        backend = self.app.backend
+        held = await self._db(backend.job_heartbeat, self.id, ids, self.lease) if ids else {}
+        await self._db(backend.worker_heartbeat, self.id)
+        asked = set(ids)
+        for job_id, attempt in list(self._attempts.items()):
+            if job_id not in asked or attempt.abandoned:
+                continue
+            if job_id not in held:
+                self._abandon(attempt, "its lease was lost (claimed elsewhere or rescued)")
+            elif held[job_id] and not attempt.ctx.cancel_requested:
+                logger.info("worker %s: cancelling job %s on request", self.id, job_id)
+                self._interrupt(attempt)
+
+    async def _rescue_once(self) -> None:
+        rescued = await self._db(Rescuer(self.app.backend).run_once)
+        self.stats.rescued += len(rescued)
+
+    async def _finish_running(self) -> None:
+        """Shutdown: give running jobs ``grace`` seconds, then hand the rest back to the queue."""
+        deadline = time.monotonic() + self.grace
+        while self._attempts and (left := deadline - time.monotonic()) > 0:
+            await self._wait_wake(min(left, 0.1))
+        remaining = [a for a in self._attempts.values() if not a.abandoned]
+        for attempt in remaining:
+            self._abandon(attempt, "shutdown grace period over; handing back")
+        await self._flush(give_up_after=10.0)
+        if remaining:
+            ids = [a.job.id for a in remaining]
+            try:
+                self.stats.handed_back += await self._db(
+                    self.app.backend.job_hand_back, self.id, ids
+                )
+            except Exception as exc:
+                logger.error("worker %s: hand-back failed (%s); leases will expire", self.id, exc)
