@@ -205,6 +205,20 @@ class Conveyor:
             [self.get_task(task).request(*args, **kwargs)], connection=connection
         )[0]
 
+    def enqueue_raw(
+        self,
+        task: str,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        connection: Any = None,
+        **options: Any,
+    ) -> Job:
+        """Enqueue a task by name without requiring it to be registered here (for producers that
+        do not import the workers' code). A worker without that task ends the job dead."""
+        opts = Options.build(f"task {task}", **options)
+        request = EnqueueRequest(check_task_name(task), tuple(args), dict(kwargs or {}), opts)
+        return self.enqueue_many([request], connection=connection)[0]
+
     def enqueue_many(self, requests: Iterable[EnqueueRequest], connection: Any = None) -> list[Job]:
         """Enqueue many jobs in one transaction and one round trip; one Job per request, in order."""
         new_jobs = [self._new_job(r, i) for i, r in enumerate(requests)]

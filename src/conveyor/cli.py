@@ -1,0 +1,372 @@
+"""The ``conveyor`` command: migrate, worker, enqueue, stats, jobs, demo.
+
+Conveyor's own errors (bad URL, unreachable server, schema not migrated or too new, bad input)
+print as one line on stderr and exit 1; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from .app import Conveyor
+from .errors import ConfigurationError, ConveyorError
+from .job import Job, JobState
+from .worker import Worker
+
+F = TypeVar("F", bound=Callable[..., Any])
+console = Console()
+
+
+def load_app(spec: str) -> Conveyor:
+    """Import ``module:attribute`` (the current directory is importable) and check it is an app."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigurationError(f"--app {spec!r} must look like module:app")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(f"--app {spec!r}: cannot import {module_name!r}: {exc}") from None
+    app = getattr(module, attr, None)
+    if not isinstance(app, Conveyor):
+        raise ConfigurationError(f"--app {spec!r}: {attr!r} in {module_name} is not a Conveyor app")
+    return app
+
+
+def resolve_app(database: str | None, app_spec: str | None) -> Conveyor:
+    if app_spec:
+        app = load_app(app_spec)
+        if database:
+            app.url = database
+        return app
+    return Conveyor(database)
+
+
+def database_options(fn: F) -> F:
+    fn = click.option(
+        "--app", "app_spec", metavar="MODULE:APP", help="Import the app (its tasks and database)."
+    )(fn)
+    return click.option(
+        "--database",
+        "-d",
+        envvar="CONVEYOR_DATABASE_URL",
+        metavar="URL",
+        help="sqlite:///file.db or postgresql://... (default: $CONVEYOR_DATABASE_URL, the app's, "
+        "else sqlite:///conveyor.db)",
+    )(fn)
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ConveyorError as exc:
+            click.echo(f"conveyor: error: {exc}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="conveyor")
+def main() -> None:
+    """Conveyor: durable jobs on SQLite or PostgreSQL."""
+
+
+@main.command()
+@database_options
+def migrate(database: str | None, app_spec: str | None) -> None:
+    """Create or upgrade the Conveyor schema (safe to run repeatedly and concurrently)."""
+    app = resolve_app(database, app_spec)
+    applied = app.migrate()
+    version = app.raw_backend.schema_version()
+    if applied:
+        click.echo(f"applied migrations {', '.join(map(str, applied))}; schema version {version}")
+    else:
+        click.echo(f"schema up to date (version {version})")
+
+
+@main.command()
+@database_options
+@click.option("--queues", "-q", help="Comma-separated queues (default: every queue the app names).")
+@click.option("--concurrency", "-c", default=10, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--lease", default=30.0, show_default=True, type=click.FloatRange(min=0.1), help="Seconds."
+)
+@click.option(
+    "--grace", default=30.0, show_default=True, type=click.FloatRange(min=0), help="Seconds."
+)
+@click.option("--poll-interval", default=1.0, show_default=True, type=click.FloatRange(min=0.001))
+@click.option("--log-level", default="INFO", show_default=True)
+def worker(
+    database: str | None,
+    app_spec: str | None,
+    queues: str | None,
+    concurrency: int,
+    lease: float,
+    grace: float,
+    poll_interval: float,
+    log_level: str,
+) -> None:
+    """Run jobs. SIGTERM/SIGINT: stop claiming, finish within --grace, hand the rest back;
+    a second signal exits at once."""
+    if not app_spec:
+        raise ConfigurationError("worker needs --app module:app (the tasks to run)")
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    app = resolve_app(database, app_spec)
+    queue_list = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
+    w = Worker(
+        app,
+        queues=queue_list,
+        concurrency=concurrency,
+        lease=lease,
+        grace=grace,
+        poll_interval=poll_interval,
+    )
+    app.backend  # noqa: B018 - fail fast, before the loop starts, on a bad URL or schema
+    asyncio.run(_run_until_signalled(w))
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(
+        0
+    )  # sync tasks abandoned at shutdown may still hold threads; their jobs are handed back
+
+
+async def _run_until_signalled(w: Worker) -> None:
+    loop = asyncio.get_running_loop()
+    received: list[str] = []
+    log = logging.getLogger("conveyor.worker")
+
+    def on_signal(name: str) -> None:
+        received.append(name)
+        if len(received) == 1:
+            log.info(
+                "%s: stopping; running jobs have %.0f s to finish (signal again to exit now)",
+                name,
+                w.grace,
+            )
+            w.stop()
+        else:
+            log.warning(
+                "%s again: exiting now; unfinished jobs are recovered when their lease expires",
+                name,
+            )
+            os._exit(1)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+    log.info(
+        "worker %s started: queues %s, concurrency %d", w.id, ",".join(w.queues), w.concurrency
+    )
+    await w.run()
+    log.info(
+        "worker %s stopped: %d claimed, %s, %d handed back",
+        w.id,
+        w.stats.claimed,
+        dict(w.stats.outcomes),
+        w.stats.handed_back,
+    )
+
+
+@main.command()
+@database_options
+@click.argument("task")
+@click.option("--args", "args_json", default="[]", show_default=True, help="JSON array.")
+@click.option("--kwargs", "kwargs_json", default="{}", show_default=True, help="JSON object.")
+@click.option("--queue", help="Queue (default: the task's, else 'default').")
+@click.option("--delay", type=float, help="Seconds before the job is due.")
+@click.option("--priority", type=int)
+@click.option("--max-attempts", type=int)
+@click.option("--unique-key")
+@click.option("--idempotency-key")
+@click.option("--concurrency-key")
+def enqueue(
+    database: str | None,
+    app_spec: str | None,
+    task: str,
+    args_json: str,
+    kwargs_json: str,
+    **options: Any,
+) -> None:
+    """Enqueue TASK. With --app the task must be registered (its options apply)."""
+    args = _json_arg("--args", args_json, list)
+    kwargs = _json_arg("--kwargs", kwargs_json, dict)
+    app = resolve_app(database, app_spec)
+    opts = {k: v for k, v in options.items() if v is not None}
+    if app_spec:
+        registered = app.get_task(task)
+        job = registered.options(**opts).enqueue(*args, **kwargs)
+    else:
+        job = app.enqueue_raw(task, args, kwargs, **opts)
+    note = " (already enqueued: existing job returned)" if job.deduplicated else ""
+    click.echo(f"job {job.id} {job.state} in queue {job.queue}{note}")
+
+
+def _json_arg(flag: str, text: str, kind: type) -> Any:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigurationError(f"{flag} {text!r} is not valid JSON: {exc}") from None
+    if not isinstance(value, kind):
+        raise ConfigurationError(
+            f"{flag} must be a JSON {'array' if kind is list else 'object'}, got {text!r}"
+        )
+    return value
+
+
+@main.command()
+@database_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def stats(database: str | None, app_spec: str | None, as_json: bool) -> None:
+    """Per queue: jobs per state, age of the oldest due job, running jobs."""
+    app = resolve_app(database, app_spec)
+    rows = app.stats()
+    if as_json:
+        click.echo(json.dumps([stats_dict(s) for s in rows], indent=2))
+        return
+    console.print(stats_table(rows))
+
+
+def stats_dict(s: Any) -> dict[str, Any]:
+    return {
+        "queue": s.queue,
+        "counts": {state.value: s.counts.get(state.value, 0) for state in JobState},
+        "running": s.running,
+        "oldest_due_age_s": s.oldest_due_age,
+        "concurrency_limit": s.concurrency_limit,
+    }
+
+
+def stats_table(rows: list[Any]) -> Table:
+    table = Table(title="Conveyor queues")
+    table.add_column("queue")
+    for state in JobState:
+        table.add_column(state.value, justify="right")
+    table.add_column("oldest due", justify="right")
+    table.add_column("limit", justify="right")
+    for s in rows:
+        age = "-" if s.oldest_due_age is None else f"{s.oldest_due_age:.1f} s"
+        limit = "-" if s.concurrency_limit is None else str(s.concurrency_limit)
+        table.add_row(s.queue, *(str(s.counts.get(st.value, 0)) for st in JobState), age, limit)
+    return table
+
+
+@main.group()
+def jobs() -> None:
+    """Inspect and act on jobs."""
+
+
+@jobs.command("list")
+@database_options
+@click.option("--state", type=click.Choice([s.value for s in JobState]))
+@click.option("--queue")
+@click.option("--task")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10_000))
+@click.option("--json", "as_json", is_flag=True)
+def jobs_list(
+    database: str | None,
+    app_spec: str | None,
+    state: str | None,
+    queue: str | None,
+    task: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """List jobs, newest first."""
+    rows = resolve_app(database, app_spec).list_jobs(
+        state=state, queue=queue, task=task, limit=limit
+    )
+    if as_json:
+        click.echo(json.dumps([job_dict(j) for j in rows], indent=2, default=str))
+        return
+    table = Table()
+    for col in ("id", "queue", "task", "state", "attempt", "snoozes", "run_at", "error"):
+        table.add_column(col)
+    for j in rows:
+        table.add_row(
+            str(j.id),
+            j.queue,
+            j.task,
+            j.state.value,
+            f"{j.attempt}/{j.max_attempts}",
+            str(j.snoozes),
+            j.run_at.isoformat(timespec="seconds"),
+            (j.error or "")[:60],
+        )
+    console.print(table)
+
+
+def job_dict(job: Job) -> dict[str, Any]:
+    out = {k: getattr(job, k) for k in job.__dataclass_fields__ if k != "deduplicated"}
+    out["state"] = job.state.value
+    return out
+
+
+@jobs.command("show")
+@database_options
+@click.argument("job_id", type=int)
+@click.option("--json", "as_json", is_flag=True)
+def jobs_show(database: str | None, app_spec: str | None, job_id: int, as_json: bool) -> None:
+    """Everything about one job, with its error history."""
+    job = resolve_app(database, app_spec).get_job(job_id)
+    data = job_dict(job)
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+        return
+    errors = data.pop("errors")
+    data.pop("last_error")
+    for key, value in data.items():
+        click.echo(f"{key:>18}: {value}")
+    for entry in errors:
+        click.echo(
+            f"\nattempt {entry.get('attempt')} at {entry.get('at')} [{entry.get('kind')}]: {entry.get('message')}"
+        )
+        if entry.get("traceback"):
+            click.echo(entry["traceback"].rstrip())
+
+
+@jobs.command("retry")
+@database_options
+@click.argument("job_id", type=int)
+def jobs_retry(database: str | None, app_spec: str | None, job_id: int) -> None:
+    """Queue a dead or cancelled job again (attempts reset, history kept)."""
+    job = resolve_app(database, app_spec).retry_job(job_id)
+    click.echo(f"job {job.id} {job.state}")
+
+
+@jobs.command("cancel")
+@database_options
+@click.argument("job_id", type=int)
+def jobs_cancel(database: str | None, app_spec: str | None, job_id: int) -> None:
+    """Cancel a waiting job, or ask its worker to cancel a running one."""
+    job = resolve_app(database, app_spec).cancel_job(job_id)
+    extra = " (cancellation requested from its worker)" if job.cancel_requested else ""
+    click.echo(f"job {job.id} {job.state}{extra}")
+
+
+@main.command()
+@click.option(
+    "--database", "-d", default="sqlite:///conveyor-demo.db", show_default=True, metavar="URL"
+)
+@click.option("--jobs", "n_jobs", default=300, show_default=True, type=click.IntRange(10, 100_000))
+@click.option("--concurrency", default=20, show_default=True, type=click.IntRange(1, 1000))
+def demo(database: str, n_jobs: int, concurrency: int) -> None:
+    """Enqueue a few hundred jobs (some fail and retry, some snooze, some die), work them off with
+    a progress bar, and print the stats table."""
+    from .demo import run_demo
+
+    run_demo(database, n_jobs, concurrency, console)
