@@ -41,9 +41,19 @@ def _throwaway_cluster() -> str | None:
         return None
     data = tempfile.mkdtemp(prefix="conveyor-pg-")
     port = "55432"
-    subprocess.run([initdb, "-D", data, "-U", "postgres", "-A", "trust"], check=True, capture_output=True)
     subprocess.run(
-        [pg_ctl, "-D", data, "-o", f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "-w", "start"],
+        [initdb, "-D", data, "-U", "postgres", "-A", "trust"], check=True, capture_output=True
+    )
+    subprocess.run(
+        [
+            pg_ctl,
+            "-D",
+            data,
+            "-o",
+            f"-p {port} -k {data} -c listen_addresses=127.0.0.1",
+            "-w",
+            "start",
+        ],
         check=True,
         capture_output=True,
     )
@@ -72,7 +82,9 @@ def _admin_url() -> str | None:
             import psycopg
 
             with psycopg.connect(url, autocommit=True) as conn:
-                exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (TEST_DB,)).fetchone()
+                exists = conn.execute(
+                    "SELECT 1 FROM pg_database WHERE datname = %s", (TEST_DB,)
+                ).fetchone()
                 if not exists:
                     conn.execute(f"CREATE DATABASE {TEST_DB}")
     return _pg_state["admin"]
