@@ -170,7 +170,8 @@ class Conveyor:
         concurrency_limit=...)``. The name defaults to ``module.qualname``."""
 
         def register(func: Callable[P, R]) -> Task[P, R]:
-            task_name = check_task_name(name or f"{func.__module__}.{func.__qualname__}")
+            default = f"{func.__module__}.{func.__qualname__}"
+            task_name = check_task_name(default if name is None else name)
             if task_name in self.tasks:
                 raise ConfigurationError(f"a task named {task_name!r} is already registered")
             opts = Options.build(f"task {task_name}", **options)

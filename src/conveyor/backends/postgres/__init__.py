@@ -39,6 +39,7 @@ except ImportError:  # pragma: no cover - exercised only without the extra insta
 
 _MIGRATION_LOCK = 7262100439
 QUERIES = sqlfile.load(__name__)
+_FLOAT_COLUMNS = ("delay", "deadline", "timeout")
 
 
 def _configure(conn: Any) -> None:
@@ -164,6 +165,9 @@ class PostgresBackend(Backend):
     def _insert_on(self, conn: Any, jobs: Sequence[NewJob]) -> list[Job]:
         def insert(batch: Sequence[NewJob]) -> list[Job]:
             cols = {name: [getattr(j, name) for j in batch] for name in NewJob.__dataclass_fields__}
+            # each column is one typed array: 5 and 5.0 in one batch must both be floats
+            for name in _FLOAT_COLUMNS:
+                cols[name] = [None if v is None else float(v) for v in cols[name]]
             with conn.cursor(row_factory=dict_row) as cur:
                 cur.execute(QUERIES["insert_jobs"], cols)
                 return [job_from_row(r) for r in cur.fetchall()]
@@ -182,9 +186,11 @@ class PostgresBackend(Backend):
     ) -> list[Job]:
         if limit <= 0 or not queues:
             return []
-        return self._jobs(
+        jobs = self._jobs(
             "claim", {"worker": worker_id, "queues": list(queues), "limit": limit, "lease": lease}
         )
+        jobs.sort(key=lambda j: (-j.priority, j.run_at, j.id))
+        return jobs
 
     def job_finish_many(self, worker_id: str, outcomes: Sequence[Outcome]) -> set[int]:
         if not outcomes:
@@ -194,7 +200,7 @@ class PostgresBackend(Backend):
             "id": [o.job_id for o in outcomes],
             "attempt": [o.attempt for o in outcomes],
             "state": [str(o.state) for o in outcomes],
-            "delay": [o.delay for o in outcomes],
+            "delay": [float(o.delay) for o in outcomes],
             "result": [o.result for o in outcomes],
             "error": [None if o.error is None else json.dumps(o.error) for o in outcomes],
             "refund": [int(o.refund_attempt) for o in outcomes],

@@ -279,17 +279,23 @@ class SQLiteBackend(Backend):
         def claim(conn: sqlite3.Connection) -> list[sqlite3.Row]:
             limited = [r[0] for r in conn.execute(QUERIES["limited_queues"], {"queues": qjson})]
             ljson = json.dumps(limited)
-            params = {"worker": worker_id, "lease": lease, "limit": limit, "limited": ljson}
-            claimed: list[sqlite3.Row] = []
+            # The best jobs under a limit and the best jobs under none; claim the best of both,
+            # so priority order holds across the two (dropping limited jobs keeps the limits).
+            chosen: list[sqlite3.Row] = []
             due = conn.execute(QUERIES["limited_due"], {"queues": qjson, "limited": ljson})
             if due.fetchone()[0]:
-                params.update(queues=qjson, scan=limit * 4)
-                claimed = conn.execute(QUERIES["claim_limited"], params).fetchall()
+                params = {"queues": qjson, "limited": ljson, "limit": limit, "scan": limit * 4}
+                chosen = conn.execute(QUERIES["choose_limited"], params).fetchall()
             unlimited = [q for q in queues if q not in limited]
-            if len(claimed) < limit and unlimited:
-                params.update(queues=json.dumps(unlimited), limit=limit - len(claimed))
-                claimed += conn.execute(QUERIES["claim"], params).fetchall()
-            return claimed
+            if unlimited:
+                params = {"queues": json.dumps(unlimited), "limit": limit}
+                chosen += conn.execute(QUERIES["choose"], params).fetchall()
+            chosen.sort(key=lambda r: (-r["priority"], r["run_at"], r["id"]))
+            if not chosen:
+                return []
+            ids = json.dumps([r["id"] for r in chosen[:limit]])
+            params = {"worker": worker_id, "lease": lease, "ids": ids}
+            return conn.execute(QUERIES["claim"], params).fetchall()
 
         jobs = [_job(r) for r in self._write(claim)]
         jobs.sort(key=lambda j: (-j.priority, j.run_at, j.id))

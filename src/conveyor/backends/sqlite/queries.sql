@@ -33,7 +33,8 @@ SELECT EXISTS (SELECT 1 FROM conveyor_jobs
                 WHERE state IN ('queued', 'retrying') AND concurrency_key IS NULL
                   AND queue IN (SELECT value FROM json_each(:limited)) AND run_at <= {now}) AS due
 
--- name: claim_limited
+-- name: choose_limited
+-- Jobs under a concurrency limit (a concurrency_key, or a queue with a limit) that may run now.
 WITH queue_room AS (
     SELECT q.name, q.concurrency_limit - (
                SELECT count(*) FROM conveyor_jobs r
@@ -52,31 +53,34 @@ WITH queue_room AS (
        AND NOT EXISTS (SELECT 1 FROM queue_room qr WHERE qr.name = j.queue AND qr.room <= 0)
      ORDER BY j.priority DESC, j.run_at, j.id
      LIMIT :scan
-), ranked AS (
+), key_ranked AS (
     SELECT c.*,
            row_number() OVER (PARTITION BY c.concurrency_key
-                              ORDER BY c.priority DESC, c.run_at, c.id) AS krank,
-           row_number() OVER (PARTITION BY c.queue
-                              ORDER BY c.priority DESC, c.run_at, c.id) AS qrank
+                              ORDER BY c.priority DESC, c.run_at, c.id) AS krank
       FROM candidates c
-), chosen AS (
-    SELECT r.id
-      FROM ranked r LEFT JOIN queue_room qr ON qr.name = r.queue
-     WHERE (r.concurrency_key IS NULL OR r.krank + (
+), ranked AS (  -- the jobs their key lets run, ranked within their queue
+    SELECT k.*,
+           row_number() OVER (PARTITION BY k.queue
+                              ORDER BY k.priority DESC, k.run_at, k.id) AS qrank
+      FROM key_ranked k
+     WHERE k.concurrency_key IS NULL OR k.krank + (
                SELECT count(*) FROM conveyor_jobs x
-                WHERE x.state = 'running' AND x.concurrency_key = r.concurrency_key
-           ) <= r.concurrency_limit)
-       AND (qr.name IS NULL OR r.qrank <= qr.room)
-     ORDER BY r.priority DESC, r.run_at, r.id
-     LIMIT :limit
+                WHERE x.state = 'running' AND x.concurrency_key = k.concurrency_key
+           ) <= k.concurrency_limit
 )
-UPDATE conveyor_jobs
-   SET state = 'running', attempt = attempt + 1, attempted_at = {now},
-       started_at = coalesce(started_at, {now}), heartbeat_at = {now},
-       lease_owner = :worker, lease_expires_at = {now} + :lease,
-       finished_at = NULL, cancel_requested = 0
- WHERE id IN (SELECT id FROM chosen)
-RETURNING *
+SELECT r.id, r.priority, r.run_at
+  FROM ranked r LEFT JOIN queue_room qr ON qr.name = r.queue
+ WHERE qr.name IS NULL OR r.qrank <= qr.room
+ ORDER BY r.priority DESC, r.run_at, r.id
+ LIMIT :limit
+
+-- name: choose
+-- Jobs under no concurrency limit.
+SELECT id, priority, run_at FROM conveyor_jobs
+ WHERE state IN ('queued', 'retrying') AND concurrency_key IS NULL
+   AND queue IN (SELECT value FROM json_each(:queues)) AND run_at <= {now}
+ ORDER BY priority DESC, run_at, id
+ LIMIT :limit
 
 -- name: claim
 UPDATE conveyor_jobs
@@ -84,11 +88,7 @@ UPDATE conveyor_jobs
        started_at = coalesce(started_at, {now}), heartbeat_at = {now},
        lease_owner = :worker, lease_expires_at = {now} + :lease,
        finished_at = NULL, cancel_requested = 0
- WHERE id IN (SELECT id FROM conveyor_jobs
-               WHERE state IN ('queued', 'retrying') AND concurrency_key IS NULL
-                 AND queue IN (SELECT value FROM json_each(:queues)) AND run_at <= {now}
-               ORDER BY priority DESC, run_at, id
-               LIMIT :limit)
+ WHERE id IN (SELECT value FROM json_each(:ids))
 RETURNING *
 
 -- name: finish

@@ -94,16 +94,18 @@ CREATE TABLE conveyor_workers (
 );
 
 -- Claim: one call, one round trip. Jobs under a concurrency limit (a concurrency_key, or a queue
--- with a limit) are claimed under one transaction-scoped advisory lock, in a statement that starts
+-- with a limit) are chosen under one transaction-scoped advisory lock, in a statement that starts
 -- after the lock is held, so it sees every other claimer's committed running jobs: the limit holds
--- fleet-wide. Unlimited jobs take the lock-free SKIP LOCKED path.
+-- fleet-wide. Unlimited jobs are chosen on the lock-free SKIP LOCKED path. The best of both (by
+-- priority, run_at, id) are claimed, so priority order holds across the two; claiming fewer limited
+-- jobs than were chosen keeps the limits.
 CREATE FUNCTION conveyor_claim(_worker text, _queues text[], _limit integer, _lease double precision)
 RETURNS SETOF conveyor_jobs
 LANGUAGE plpgsql VOLATILE AS $fn$
 DECLARE
     _limited text[];
     _unlimited text[];
-    _n integer := 0;
+    _ids bigint[] := '{}';
 BEGIN
     SELECT coalesce(array_agg(name), '{}') INTO _limited
       FROM conveyor_queues WHERE name = ANY(_queues) AND concurrency_limit IS NOT NULL;
@@ -118,57 +120,51 @@ BEGIN
                 WHERE state IN ('queued', 'retrying') AND queue = ANY(_limited) AND run_at <= now()))
     THEN
         PERFORM pg_advisory_xact_lock(7262100438);  -- 'conveyor claim' lock
-        RETURN QUERY
-        WITH queue_room AS (
-            SELECT q.name, q.concurrency_limit - (
-                       SELECT count(*) FROM conveyor_jobs r
-                        WHERE r.state = 'running' AND r.queue = q.name) AS room
-              FROM conveyor_queues q WHERE q.name = ANY(_limited)
-        ), candidates AS (
-            SELECT j.id, j.queue, j.concurrency_key, j.concurrency_limit, j.priority, j.run_at
-              FROM conveyor_jobs j
-             WHERE j.state IN ('queued', 'retrying') AND j.run_at <= now()
-               AND j.queue = ANY(_queues)
-               AND (j.concurrency_key IS NOT NULL OR j.queue = ANY(_limited))
-               AND (j.concurrency_key IS NULL OR (
-                       SELECT count(*) FROM conveyor_jobs r
-                        WHERE r.state = 'running' AND r.concurrency_key = j.concurrency_key
-                   ) < j.concurrency_limit)
-               AND NOT EXISTS (SELECT 1 FROM queue_room qr WHERE qr.name = j.queue AND qr.room <= 0)
-             ORDER BY j.priority DESC, j.run_at, j.id
-             LIMIT _limit * 4
-               FOR UPDATE OF j SKIP LOCKED
-        ), ranked AS (
-            SELECT c.*,
-                   row_number() OVER (PARTITION BY c.concurrency_key
-                                      ORDER BY c.priority DESC, c.run_at, c.id) AS krank,
-                   row_number() OVER (PARTITION BY c.queue
-                                      ORDER BY c.priority DESC, c.run_at, c.id) AS qrank
-              FROM candidates c
-        ), chosen AS (
+        _ids := ARRAY(
+            WITH queue_room AS (
+                SELECT q.name, q.concurrency_limit - (
+                           SELECT count(*) FROM conveyor_jobs r
+                            WHERE r.state = 'running' AND r.queue = q.name) AS room
+                  FROM conveyor_queues q WHERE q.name = ANY(_limited)
+            ), candidates AS (
+                SELECT j.id, j.queue, j.concurrency_key, j.concurrency_limit, j.priority, j.run_at
+                  FROM conveyor_jobs j
+                 WHERE j.state IN ('queued', 'retrying') AND j.run_at <= now()
+                   AND j.queue = ANY(_queues)
+                   AND (j.concurrency_key IS NOT NULL OR j.queue = ANY(_limited))
+                   AND (j.concurrency_key IS NULL OR (
+                           SELECT count(*) FROM conveyor_jobs r
+                            WHERE r.state = 'running' AND r.concurrency_key = j.concurrency_key
+                       ) < j.concurrency_limit)
+                   AND NOT EXISTS (SELECT 1 FROM queue_room qr
+                                    WHERE qr.name = j.queue AND qr.room <= 0)
+                 ORDER BY j.priority DESC, j.run_at, j.id
+                 LIMIT _limit * 4
+                   FOR UPDATE OF j SKIP LOCKED
+            ), key_ranked AS (
+                SELECT c.*,
+                       row_number() OVER (PARTITION BY c.concurrency_key
+                                          ORDER BY c.priority DESC, c.run_at, c.id) AS krank
+                  FROM candidates c
+            ), ranked AS (  -- the jobs their key lets run, ranked within their queue
+                SELECT k.*,
+                       row_number() OVER (PARTITION BY k.queue
+                                          ORDER BY k.priority DESC, k.run_at, k.id) AS qrank
+                  FROM key_ranked k
+                 WHERE k.concurrency_key IS NULL OR k.krank + (
+                           SELECT count(*) FROM conveyor_jobs x
+                            WHERE x.state = 'running' AND x.concurrency_key = k.concurrency_key
+                       ) <= k.concurrency_limit
+            )
             SELECT r.id
               FROM ranked r LEFT JOIN queue_room qr ON qr.name = r.queue
-             WHERE (r.concurrency_key IS NULL OR r.krank + (
-                       SELECT count(*) FROM conveyor_jobs x
-                        WHERE x.state = 'running' AND x.concurrency_key = r.concurrency_key
-                   ) <= r.concurrency_limit)
-               AND (qr.name IS NULL OR r.qrank <= qr.room)
+             WHERE qr.name IS NULL OR r.qrank <= qr.room
              ORDER BY r.priority DESC, r.run_at, r.id
-             LIMIT _limit
-        )
-        UPDATE conveyor_jobs j
-           SET state = 'running', attempt = j.attempt + 1, attempted_at = now(),
-               started_at = coalesce(j.started_at, now()), heartbeat_at = now(),
-               lease_owner = _worker, lease_expires_at = now() + _lease * interval '1 second',
-               finished_at = NULL, cancel_requested = false
-         WHERE j.id = ANY(ARRAY(SELECT id FROM chosen))
-        RETURNING j.*;
-        GET DIAGNOSTICS _n = ROW_COUNT;
+             LIMIT _limit);
     END IF;
 
-    IF _n < _limit AND cardinality(_unlimited) > 0 THEN
-        RETURN QUERY
-        WITH chosen AS (
+    IF cardinality(_unlimited) > 0 THEN
+        _ids := _ids || ARRAY(
             SELECT c.id
               FROM unnest(_unlimited) AS q(name)
              CROSS JOIN LATERAL (
@@ -176,17 +172,22 @@ BEGIN
                  WHERE j.queue = q.name AND j.state IN ('queued', 'retrying')
                    AND j.concurrency_key IS NULL AND j.run_at <= now()
                  ORDER BY j.priority DESC, j.run_at, j.id
-                 LIMIT _limit - _n
+                 LIMIT _limit
                    FOR UPDATE SKIP LOCKED) c
              ORDER BY c.priority DESC, c.run_at, c.id
-             LIMIT _limit - _n
-        )
+             LIMIT _limit);
+    END IF;
+
+    IF cardinality(_ids) > 0 THEN
+        RETURN QUERY
         UPDATE conveyor_jobs j
            SET state = 'running', attempt = j.attempt + 1, attempted_at = now(),
                started_at = coalesce(j.started_at, now()), heartbeat_at = now(),
                lease_owner = _worker, lease_expires_at = now() + _lease * interval '1 second',
                finished_at = NULL, cancel_requested = false
-         WHERE j.id = ANY(ARRAY(SELECT id FROM chosen))
+         WHERE j.id = ANY(ARRAY(SELECT c.id FROM conveyor_jobs c WHERE c.id = ANY(_ids)
+                                 ORDER BY c.priority DESC, c.run_at, c.id
+                                 LIMIT _limit))
         RETURNING j.*;
     END IF;
 END

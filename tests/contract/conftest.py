@@ -1,0 +1,127 @@
+"""Helpers shared by the contract suite: direct SQL on the app's database (to inspect rows or break
+invariants on purpose), polling with a timeout instead of sleeps, and a second empty database of
+the same backend."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+
+import pytest
+
+from conveyor import Conveyor, Job
+
+WORKER = "worker-a"
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy (returned), or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(delay)  # polling interval only; the predicate is what synchronises
+        delay = min(delay * 2, 0.02)
+
+
+def is_sqlite(url: str) -> bool:
+    return url.startswith("sqlite")
+
+
+def claim_one(
+    app: Conveyor, worker: str = WORKER, queue: str = "default", lease: float = 30.0
+) -> Job:
+    jobs = app.backend.job_fetch_available(worker, [queue], 1, lease)
+    assert len(jobs) == 1, f"expected to claim one job, got {jobs}"
+    return jobs[0]
+
+
+def past_lease(job: Job, seconds: float = 1.0) -> datetime:
+    """A time just after the job's lease ran out (to hand to the rescuer as ``now``)."""
+    assert job.lease_expires_at is not None
+    return job.lease_expires_at + timedelta(seconds=seconds)
+
+
+class RawDB:
+    """Direct SQL on an app's database, bypassing Conveyor. Queries use ``%s`` placeholders on
+    both backends; times are passed through :meth:`ts`."""
+
+    def __init__(self, app: Conveyor) -> None:
+        self.sqlite = app.backend.name == "sqlite"
+        if self.sqlite:
+            path = app.backend.path  # type: ignore[attr-defined]
+            self.conn: Any = sqlite3.connect(path, isolation_level=None, timeout=10)
+        else:
+            import psycopg
+
+            self.conn = psycopg.connect(app.url, autocommit=True)
+        #: The exception a violated constraint raises on this backend.
+        self.integrity_error: type[Exception]
+        if self.sqlite:
+            self.integrity_error = sqlite3.IntegrityError
+        else:
+            import psycopg
+
+            self.integrity_error = psycopg.errors.IntegrityError
+        self.true = "1" if self.sqlite else "true"
+
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        if self.sqlite:
+            sql = sql.replace("%s", "?")
+        cur = self.conn.execute(sql, params)
+        return list(cur.fetchall()) if cur.description else []
+
+    def scalar(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
+        return self.execute(sql, params)[0][0]
+
+    def ts(self, value: datetime) -> Any:
+        return value.timestamp() if self.sqlite else value
+
+    def count_jobs(self, where: str = "TRUE", params: tuple[Any, ...] = ()) -> int:
+        return int(self.scalar(f"SELECT count(*) FROM conveyor_jobs WHERE {where}", params))
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+@pytest.fixture
+def raw(app: Conveyor) -> Iterator[RawDB]:
+    db = RawDB(app)
+    yield db
+    db.close()
+
+
+def _with_search_path(url: str, schema: str) -> str:
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "options"]
+    query.append(("options", f"-csearch_path={schema}"))
+    return urlunsplit(parts._replace(query=urlencode(query, quote_via=quote)))
+
+
+@pytest.fixture
+def other_db_url(db_url: str, tmp_path: Path) -> Iterator[str]:
+    """A second empty database of the same backend as ``db_url``."""
+    if is_sqlite(db_url):
+        yield f"sqlite:///{tmp_path / f'other-{uuid.uuid4().hex[:8]}.db'}"
+        return
+    import psycopg
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    base = urlunsplit(urlsplit(db_url)._replace(query=""))
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield _with_search_path(db_url, schema)
+    finally:
+        with psycopg.connect(base, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")

@@ -1,0 +1,158 @@
+"""Transactional enqueue: with ``connection=`` the job is written inside the caller's open
+transaction on their own sqlite3 / psycopg connection, never committed by Conveyor, so it exists
+only if the caller commits. Without it, a batch is still all or nothing."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from conveyor import ConfigurationError, Conveyor, InvalidArgumentsError, JobNotFoundError
+from conveyor.backends.base import NewJob
+
+from .conftest import RawDB
+
+
+@pytest.fixture
+def conn(app: Conveyor) -> Iterator[Any]:
+    """The caller's own connection to the app's database, outside autocommit."""
+    if app.backend.name == "sqlite":
+        connection: Any = sqlite3.connect(app.backend.path, timeout=10)  # type: ignore[attr-defined]
+    else:
+        import psycopg
+
+        connection = psycopg.connect(app.url)
+    connection.execute("CREATE TABLE IF NOT EXISTS orders (id integer PRIMARY KEY, item text)")
+    connection.commit()
+    yield connection
+    connection.rollback()
+    connection.close()
+
+
+def _in_transaction(connection: Any) -> bool:
+    if isinstance(connection, sqlite3.Connection):
+        return connection.in_transaction
+    from psycopg.pq import TransactionStatus
+
+    return bool(connection.info.transaction_status == TransactionStatus.INTRANS)
+
+
+def _task(app: Conveyor) -> Any:
+    @app.task(name="tx.ship")
+    def ship(order: int) -> int:
+        return order
+
+    return ship
+
+
+def _exists(app: Conveyor, job_id: int) -> bool:
+    try:
+        app.get_job(job_id)
+    except JobNotFoundError:
+        return False
+    return True
+
+
+def test_job_exists_only_once_the_caller_commits(app: Conveyor, conn: Any, raw: RawDB) -> None:
+    ship = _task(app)
+    conn.execute("INSERT INTO orders (id, item) VALUES (1, 'book')")
+    job = ship.enqueue(1, connection=conn)
+
+    assert job.id > 0 and job.args == [1]
+    assert _in_transaction(conn), "Conveyor must not commit the caller's transaction"
+    assert not _exists(app, job.id), "visible before the caller committed"
+    assert raw.count_jobs() == 0
+
+    conn.commit()
+
+    assert app.get_job(job.id).args == [1]
+    assert raw.count_jobs() == 1
+    assert raw.scalar("SELECT count(*) FROM orders") == 1
+
+
+def test_rollback_leaves_neither_the_job_nor_the_callers_writes(
+    app: Conveyor, conn: Any, raw: RawDB
+) -> None:
+    ship = _task(app)
+    kept = ship.enqueue(0)  # an earlier job, outside the transaction
+    conn.execute("INSERT INTO orders (id, item) VALUES (2, 'lamp')")
+    jobs = app.enqueue_many([ship.request(2), ship.request(3)], connection=conn)
+    assert len(jobs) == 2
+
+    conn.rollback()
+
+    assert raw.count_jobs() == 1
+    assert raw.scalar("SELECT count(*) FROM orders") == 0
+    for job in jobs:
+        assert not _exists(app, job.id)
+    assert app.get_job(kept.id) == kept
+    # the app works normally afterwards (SQLite may reuse the rolled-back ids: they never existed)
+    later = ship.enqueue(4)
+    assert app.get_job(later.id).args == [4]
+    assert raw.count_jobs() == 2
+
+
+def test_dedupe_inside_the_callers_transaction(app: Conveyor, conn: Any, raw: RawDB) -> None:
+    ship = _task(app)
+    first = ship.options(unique_key="order-5").enqueue(5, connection=conn)
+    again = ship.options(unique_key="order-5").enqueue(5, connection=conn)
+    assert again.deduplicated and again.id == first.id
+    conn.commit()
+    assert raw.count_jobs() == 1
+    after = ship.options(unique_key="order-5").enqueue(5)
+    assert after.deduplicated and after.id == first.id
+
+
+def test_bad_arguments_leave_the_callers_transaction_usable(
+    app: Conveyor, conn: Any, raw: RawDB
+) -> None:
+    ship = _task(app)
+    conn.execute("INSERT INTO orders (id, item) VALUES (3, 'pen')")
+    with pytest.raises(InvalidArgumentsError):
+        ship.enqueue({1, 2}, connection=conn)  # type: ignore[arg-type]
+    job = ship.enqueue(3, connection=conn)
+    conn.commit()
+    assert raw.scalar("SELECT count(*) FROM orders") == 1
+    assert raw.count_jobs() == 1 and _exists(app, job.id)
+
+
+def test_a_connection_of_the_wrong_kind_is_refused(
+    app: Conveyor, raw: RawDB, tmp_path: Any
+) -> None:
+    ship = _task(app)
+    if app.backend.name == "sqlite":
+        wrong: Any = object()
+    else:
+        wrong = sqlite3.connect(tmp_path / "elsewhere.db")
+    with pytest.raises(ConfigurationError, match="connection="):
+        ship.enqueue(1, connection=wrong)
+    assert raw.count_jobs() == 0
+
+
+def test_a_batch_is_all_or_nothing(app: Conveyor, raw: RawDB) -> None:
+    """A row the schema rejects (an empty queue name, past the app's checks) fails the batch."""
+    before = raw.count_jobs()
+    with pytest.raises(Exception) as info:
+        app.backend.job_insert_many(
+            [NewJob(task="t", queue="q"), NewJob(task="t", queue=""), NewJob(task="t", queue="q")]
+        )
+    assert "conveyor_jobs_names_valid" in str(info.value)
+    assert raw.count_jobs() == before
+    assert len(app.backend.job_insert_many([NewJob(task="t", queue="q")])) == 1
+
+
+def test_a_batch_may_mix_int_and_float_values(app: Conveyor) -> None:
+    """NewJob's float fields accept ints; one batch may hold both (one typed array on PostgreSQL)."""
+    jobs = app.backend.job_insert_many(
+        [
+            NewJob(task="t", queue="q", delay=600, timeout=3, deadline=10.5),
+            NewJob(task="t", queue="q", delay=0.5, timeout=2.5, deadline=20),
+            NewJob(task="t", queue="q"),
+        ]
+    )
+    assert [(j.timeout, j.deadline) for j in jobs] == [(3.0, 10.5), (2.5, 20.0), (None, None)]
+    delays = [(j.run_at - j.created_at).total_seconds() for j in jobs]
+    assert abs(delays[0] - 600) < 0.01 and abs(delays[1] - 0.5) < 0.01 and abs(delays[2]) < 0.01
