@@ -7,7 +7,8 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -46,6 +47,8 @@ _TIME_COLUMNS = [
 _JSON_COLUMNS = ("args", "kwargs", "last_error", "errors", "result", "queues")
 #: How long a write keeps retrying SQLITE_BUSY before giving up with a clear error.
 BUSY_RETRY_SECONDS = 60.0
+#: Idle connections kept open for reuse; more may be open while in use.
+_MAX_IDLE = 8
 
 
 def path_from_url(url: str) -> str:
@@ -118,16 +121,14 @@ class SQLiteBackend(Backend):
     def __init__(self, url: str) -> None:
         self.url = url
         self.path = path_from_url(url)
-        self._local = threading.local()
-        self._all_conns: list[sqlite3.Connection] = []
+        self._idle: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
-        self._conn()  # open now, so a bad file fails here with a clear error
+        self._closed = False
+        with self._connection():  # open now, so a bad file fails here with a clear error
+            pass
 
     # -- connections and transactions -----------------------------------------------------------
-    def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is not None:
-            return conn
+    def _open(self) -> sqlite3.Connection:
         try:
             conn = sqlite3.connect(
                 self.path, timeout=5.0, isolation_level=None, check_same_thread=False
@@ -138,10 +139,24 @@ class SQLiteBackend(Backend):
             conn.execute("PRAGMA synchronous = NORMAL")
         except sqlite3.DatabaseError as exc:
             raise ConfigurationError(f"cannot open SQLite database {self.path!r}: {exc}") from None
-        self._local.conn = conn
-        with self._lock:
-            self._all_conns.append(conn)
         return conn
+
+    @contextmanager
+    def _connection(self) -> Iterator[sqlite3.Connection]:
+        """A connection for this thread's use, from a small pool (at most _MAX_IDLE kept open)."""
+        with self._lock:
+            conn = self._idle.pop() if self._idle else None
+        if conn is None:
+            conn = self._open()
+        try:
+            yield conn
+        finally:
+            with self._lock:
+                keep = not self._closed and not conn.in_transaction and len(self._idle) < _MAX_IDLE
+                if keep:
+                    self._idle.append(conn)
+            if not keep:
+                conn.close()
 
     def _retry_busy(self, fn: Callable[[], T]) -> T:
         deadline = time.monotonic() + BUSY_RETRY_SECONDS
@@ -162,34 +177,34 @@ class SQLiteBackend(Backend):
 
     def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` in one BEGIN IMMEDIATE transaction, retrying the whole of it on SQLITE_BUSY."""
-        conn = self._conn()
+        with self._connection() as conn:
+            return self._retry_busy(lambda: self._transaction(conn, fn))
 
-        def attempt() -> T:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = fn(conn)
-                conn.execute("COMMIT")
-                return result
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-
-        return self._retry_busy(attempt)
+    @staticmethod
+    def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(conn)
+            conn.execute("COMMIT")
+            return result
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
 
     def _read(self, query: str, params: dict[str, Any] | None = None) -> list[sqlite3.Row]:
-        conn = self._conn()
-        return self._retry_busy(lambda: conn.execute(QUERIES[query], params or {}).fetchall())
+        with self._connection() as conn:
+            return self._retry_busy(lambda: conn.execute(QUERIES[query], params or {}).fetchall())
 
     def _write_rows(self, query: str, params: dict[str, Any]) -> list[sqlite3.Row]:
         return self._write(lambda c: c.execute(QUERIES[query], params).fetchall())
 
     def close(self) -> None:
         with self._lock:
-            for conn in self._all_conns:
-                conn.close()
-            self._all_conns.clear()
-        self._local = threading.local()
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
 
     # -- schema ---------------------------------------------------------------------------------
     def migrate(self) -> list[int]:
@@ -227,8 +242,8 @@ class SQLiteBackend(Backend):
         return None if row[0] is None else int(row[0])
 
     def schema_version(self) -> int | None:
-        conn = self._conn()
-        return self._retry_busy(lambda: self._version(conn))
+        with self._connection() as conn:
+            return self._retry_busy(lambda: self._version(conn))
 
     def db_now(self) -> datetime:
         value = _to_time(self._read("db_now")[0]["now"])
