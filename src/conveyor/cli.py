@@ -74,7 +74,10 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except ConveyorError as exc:
-            click.echo(f"conveyor: error: {exc}", err=True)
+            # One line, even when a driver's message (e.g. psycopg's) carries newlines.
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            message = " ".join(lines) or type(exc).__name__
+            click.echo(f"conveyor: error: {message}", err=True)
             sys.exit(1)
 
 

@@ -56,17 +56,14 @@ def run_demo(url: str, n_jobs: int, concurrency: int, console: Console) -> None:
     app = build_demo_app(url)
     app.migrate()
     tasks = app.tasks
-    mix = [
-        ("demo.resize_image", 0.55),
-        ("demo.send_email", 0.25),
-        ("demo.wait_ready", 0.1),
-        ("demo.charge_card", 0.05),
-        ("demo.sync_account", 0.05),
-    ]
-    requests = []
-    for i in range(n_jobs):
-        name = random.choices([m[0] for m in mix], weights=[m[1] for m in mix])[0]
-        requests.append(tasks[name].request(i))
+    # A fixed cycle of 20, so every kind of ending appears whenever there are 20 jobs or more.
+    cycle = (
+        ["demo.resize_image"] * 11
+        + ["demo.send_email"] * 5
+        + ["demo.wait_ready"] * 2
+        + ["demo.charge_card", "demo.sync_account"]
+    )
+    requests = [tasks[cycle[i % len(cycle)]].request(i) for i in range(n_jobs)]
     jobs = app.enqueue_many(requests)
     console.print(f"enqueued {len(jobs)} jobs into {app.url}")
     ids = {j.id for j in jobs}

@@ -390,6 +390,15 @@ class Worker:
         deadline = time.monotonic() + self.grace
         while self._attempts and (left := deadline - time.monotonic()) > 0:
             await self._wait_wake(min(left, 0.1))
+        # A task that returned just before the deadline finished within grace: let its runner
+        # record the outcome instead of handing the job back (and running it twice).
+        finishing = [
+            a.runner
+            for a in self._attempts.values()
+            if not a.abandoned and a.inner is not None and a.inner.done() and a.runner is not None
+        ]
+        if finishing:
+            await asyncio.wait(finishing, timeout=1.0)
         remaining = [a for a in self._attempts.values() if not a.abandoned]
         for attempt in remaining:
             self._abandon(attempt, "shutdown grace period over; handing back")

@@ -58,7 +58,9 @@ class PostgresBackend(Backend):
         try:
             psycopg.conninfo.conninfo_to_dict(url)
         except psycopg.ProgrammingError as exc:
-            raise ConfigurationError(f"invalid PostgreSQL URL {redact_url(url)!r}: {exc}") from None
+            raise ConfigurationError(
+                f"invalid PostgreSQL URL {redact_url(url)!r}: {str(exc).strip()}"
+            ) from None
         self._check_reachable()
         self._pool = ConnectionPool(
             url,
