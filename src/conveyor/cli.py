@@ -373,3 +373,39 @@ def demo(database: str, n_jobs: int, concurrency: int) -> None:
     from .demo import run_demo
 
     run_demo(database, n_jobs, concurrency, console)
+
+
+@main.command()
+@click.option("--database", "-d", required=True, envvar="CONVEYOR_DATABASE_URL", metavar="URL",
+              help="Where to run: a fresh schema (PostgreSQL) or file beside it (SQLite) is used and removed.")  # fmt: skip
+@click.option("--jobs", "-n", default=20_000, show_default=True, type=click.IntRange(1, 10_000_000))
+@click.option("--processes", "-p", default=1, show_default=True, type=click.IntRange(1, 64))
+@click.option("--concurrency", "-c", default=100, show_default=True, type=click.IntRange(1, 10_000))
+@click.option("--poll-interval", default=0.05, show_default=True, type=click.FloatRange(min=0.001))
+@click.option("--latency-jobs", default=200, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--latency-rounds", default=3, show_default=True, type=click.IntRange(1, 100))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def bench(
+    database: str,
+    jobs: int,
+    processes: int,
+    concurrency: int,
+    poll_interval: float,
+    latency_jobs: int,
+    latency_rounds: int,
+    as_json: bool,
+) -> None:
+    """Measure enqueue rate, drain rate and pickup latency (the peerbench method)."""
+    from .bench import BenchSettings, format_result, run_bench
+
+    settings = BenchSettings(
+        database=database,
+        jobs=jobs,
+        processes=processes,
+        concurrency=concurrency,
+        poll_interval=poll_interval,
+        latency_jobs=latency_jobs,
+        latency_rounds=latency_rounds,
+    )
+    result = run_bench(settings)
+    click.echo(json.dumps(result) if as_json else format_result(result))

@@ -1,0 +1,296 @@
+"""``conveyor bench``: Conveyor's speed on this machine, by the method of ../shared/peerbench.
+
+Phases, each on a fresh database (SQLite) or schema (PostgreSQL) that is removed afterwards:
+
+* enqueue: the time of one ``enqueue_many`` call for N jobs, building the requests included;
+* drain: N jobs pending (table ANALYZEd and CHECKPOINTed on PostgreSQL), P worker processes
+  started; from the first job start to the first 10 ms poll that sees no unfinished job;
+* latency: one idle worker process; rounds of single enqueues ``gap`` apart after 1 s idle;
+  latency = job start minus the start of the enqueue call; p50 and p99.
+
+The job records its id and a CLOCK_MONOTONIC timestamp with one O_APPEND write to a per-process
+log, so counting executions adds no database load; ``executed_once`` is counted from those logs.
+Worker processes import this module's ``app`` (``--app conveyor.bench:app``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import shutil
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from . import __version__
+from .app import Conveyor, EnqueueRequest
+from .backends.sqlite import path_from_url
+from .errors import ConfigurationError, ConveyorError
+from .options import Options
+
+URL_ENV = "CONVEYOR_BENCH_URL"
+LOG_ENV = "CONVEYOR_BENCH_LOG"
+QUEUE = "bench"
+TASK = "conveyor.bench.noop"
+
+app = Conveyor(os.environ.get(URL_ENV) or os.environ.get("CONVEYOR_DATABASE_URL"))
+_fd: int | None = None
+
+
+@app.task(name=TASK, queue=QUEUE)
+async def noop(n: int) -> None:
+    record(n)
+
+
+def record(n: int) -> None:
+    """Append "n t_monotonic" to this process's execution log with one write."""
+    global _fd
+    t = time.monotonic()
+    if _fd is None:
+        path = f"{os.environ[LOG_ENV]}.{os.getpid()}"
+        _fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.write(_fd, b"%d %.6f\n" % (n, t))
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    database: str
+    jobs: int = 20_000
+    processes: int = 1
+    concurrency: int = 100
+    poll_interval: float = 0.05
+    latency_jobs: int = 200
+    latency_rounds: int = 3
+    latency_gap: float = 0.02
+
+
+# -- fresh database -----------------------------------------------------------------------------
+@contextlib.contextmanager
+def fresh_database(url: str) -> Iterator[str]:
+    """A URL for an empty database (SQLite) or schema (PostgreSQL), removed afterwards."""
+    scheme = urlsplit(url).scheme.lower()
+    if scheme == "sqlite":
+        folder = tempfile.mkdtemp(prefix="conveyor-bench-", dir=Path(path_from_url(url)).parent)
+        try:
+            yield f"sqlite:///{Path(folder) / 'bench.db'}"
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return
+    if scheme not in ("postgresql", "postgres"):
+        raise ConfigurationError(f"bench needs a sqlite:/// or postgresql:// URL, not {url!r}")
+    import psycopg
+
+    schema = f"conveyor_bench_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    sep = "&" if "?" in url else "?"
+    try:
+        yield f"{url}{sep}options={quote(f'-csearch_path={schema}')}"
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+class _Probe:
+    """A raw connection for the 10 ms "anything unfinished?" poll and table upkeep."""
+
+    UNFINISHED = (
+        "SELECT count(*) FROM conveyor_jobs WHERE state IN ('queued', 'running', 'retrying')"
+    )
+
+    def __init__(self, url: str) -> None:
+        self.postgres = not url.startswith("sqlite")
+        if self.postgres:
+            import psycopg
+
+            self.conn: Any = psycopg.connect(url, autocommit=True)
+        else:
+            self.conn = sqlite3.connect(path_from_url(url), isolation_level=None)
+
+    def unfinished(self) -> int:
+        return int(self.conn.execute(self.UNFINISHED).fetchone()[0])
+
+    def settle(self) -> None:
+        """ANALYZE and CHECKPOINT, as peerbench does before a drain."""
+        if self.postgres:
+            self.conn.execute("ANALYZE conveyor_jobs")
+            with contextlib.suppress(Exception):
+                self.conn.execute("CHECKPOINT")
+        else:
+            self.conn.execute("ANALYZE")
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+# -- processes and logs -------------------------------------------------------------------------
+def _start_workers(
+    url: str, log: str, s: BenchSettings, count: int
+) -> list[subprocess.Popen[bytes]]:
+    env = {**os.environ, URL_ENV: url, "CONVEYOR_DATABASE_URL": url, LOG_ENV: log}
+    cmd = [
+        sys.executable, "-m", "conveyor", "worker", "--app", "conveyor.bench:app",
+        "--queues", QUEUE, "--concurrency", str(s.concurrency),
+        "--poll-interval", str(s.poll_interval), "--log-level", "WARNING",
+    ]  # fmt: skip
+    return [subprocess.Popen(cmd, env=env) for _ in range(count)]
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def _executions(log: str) -> list[tuple[int, float]]:
+    rows: list[tuple[int, float]] = []
+    folder, prefix = os.path.split(log)
+    for name in os.listdir(folder):
+        if name.startswith(prefix + "."):
+            with open(os.path.join(folder, name), "rb") as f:
+                rows.extend(
+                    (int(a), float(b)) for a, b in (line.split() for line in f if line.strip())
+                )
+    return rows
+
+
+def _wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.01) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise ConveyorError(f"bench: timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def _requests(ids: range) -> list[EnqueueRequest]:
+    opts = Options(queue=QUEUE)
+    return [EnqueueRequest(TASK, (i,), {}, opts) for i in ids]
+
+
+# -- phases -------------------------------------------------------------------------------------
+def phase_enqueue(driver: Conveyor, n: int) -> float:
+    t0 = time.monotonic()
+    jobs = driver.enqueue_many(_requests(range(n)))
+    elapsed = time.monotonic() - t0
+    if len(jobs) != n:
+        raise ConveyorError(f"bench: enqueued {len(jobs)} of {n} jobs")
+    return n / elapsed
+
+
+def phase_drain(url: str, log: str, s: BenchSettings) -> float:
+    probe = _Probe(url)
+    try:
+        probe.settle()
+        procs = _start_workers(url, log, s, s.processes)
+        try:
+            _wait_for(lambda: probe.unfinished() == 0, 600, "the drain", interval=0.01)
+            t_end = time.monotonic()
+        finally:
+            _stop(procs)
+    finally:
+        probe.close()
+    t_first = min(t for _, t in _executions(log))
+    return s.jobs / (t_end - t_first)
+
+
+def phase_latency(driver: Conveyor, url: str, log: str, s: BenchSettings) -> list[float]:
+    base = s.jobs
+    procs = _start_workers(url, log, s, 1)
+    try:
+        warm = base
+        driver.enqueue_many(_requests(range(warm, warm + 1)))
+        _wait_for(lambda: warm in {n for n, _ in _executions(log)}, 60, "the warm-up job")
+        started: dict[int, float] = {}
+        next_id = warm + 1
+        for _ in range(s.latency_rounds):
+            time.sleep(1.0)  # the workload: let the worker go idle before each round
+            t_next = time.monotonic()
+            for _ in range(s.latency_jobs):
+                started[next_id] = time.monotonic()
+                driver.enqueue_many(_requests(range(next_id, next_id + 1)))
+                next_id += 1
+                t_next += s.latency_gap
+                if (pause := t_next - time.monotonic()) > 0:
+                    time.sleep(pause)
+        _wait_for(lambda: set(started) <= {n for n, _ in _executions(log)}, 60, "latency jobs")
+    finally:
+        _stop(procs)
+    ran = dict(_executions(log))
+    return sorted((ran[n] - t) * 1000 for n, t in started.items())
+
+
+def _percentile(values: list[float], p: float) -> float:
+    return (
+        statistics.quantiles(values, n=100, method="inclusive")[int(p) - 1]
+        if len(values) > 1
+        else values[0]
+    )
+
+
+def run_bench(s: BenchSettings) -> dict[str, Any]:
+    logdir = tempfile.mkdtemp(prefix="conveyor-bench-log-")
+    log = os.path.join(logdir, "exec")
+    try:
+        with fresh_database(s.database) as url:
+            driver = Conveyor(url)
+            driver.migrate()
+            enqueue_per_s = phase_enqueue(driver, s.jobs)
+            drain_per_s = phase_drain(url, log, s)
+            latencies = phase_latency(driver, url, log, s)
+            counts = Counter(n for n, _ in _executions(log))
+            driver.close()
+    finally:
+        shutil.rmtree(logdir, ignore_errors=True)
+    expected = s.jobs + 1 + s.latency_jobs * s.latency_rounds
+    executed_once = len(counts) == expected and set(counts.values()) == {1}
+    return {
+        "backend": "sqlite" if s.database.startswith("sqlite") else "postgres",
+        "jobs": s.jobs,
+        "processes": s.processes,
+        "concurrency": s.concurrency,
+        "enqueue_per_s": round(enqueue_per_s, 1),
+        "drain_per_s": round(drain_per_s, 1),
+        "latency_p50_ms": round(_percentile(latencies, 50), 2),
+        "latency_p99_ms": round(_percentile(latencies, 99), 2),
+        "executed_once": executed_once,
+        "executions": sum(counts.values()),
+        "expected_executions": expected,
+        "settings": {k: v for k, v in asdict(s).items() if k != "database"},
+        "conveyor": __version__,
+        "python": sys.version.split()[0],
+        "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def format_result(result: dict[str, Any]) -> str:
+    return (
+        f"{result['backend']}: {result['jobs']} jobs, {result['processes']} worker process(es) x "
+        f"{result['concurrency']}\n"
+        f"  enqueue  {result['enqueue_per_s']:>10,.0f} jobs/s\n"
+        f"  drain    {result['drain_per_s']:>10,.0f} jobs/s\n"
+        f"  pickup   p50 {result['latency_p50_ms']:.2f} ms, p99 {result['latency_p99_ms']:.2f} ms\n"
+        f"  executed exactly once: {result['executed_once']} "
+        f"({result['executions']}/{result['expected_executions']})"
+    )
+
+
+__all__ = ["BenchSettings", "app", "format_result", "run_bench"]

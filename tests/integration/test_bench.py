@@ -1,0 +1,45 @@
+"""`conveyor bench` at a small size: it runs, prints one JSON object, and counts exactly-once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conveyor.bench import BenchSettings, fresh_database, run_bench
+from conveyor.errors import ConfigurationError
+
+from .support import conveyor
+
+KEYS = {"backend", "jobs", "enqueue_per_s", "drain_per_s", "latency_p50_ms", "latency_p99_ms",
+        "executed_once", "settings"}  # fmt: skip
+
+
+def test_bench_command_prints_one_json_object(db_url: str) -> None:
+    base = db_url.split("?")[0] if db_url.startswith("postgres") else db_url
+    done = conveyor(
+        "bench", "--database", base, "--jobs", "300", "--processes", "2", "--concurrency", "20",
+        "--latency-jobs", "10", "--latency-rounds", "1", "--json", timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(done.stdout)
+    assert set(result) >= KEYS
+    assert result["jobs"] == 300 and result["settings"]["processes"] == 2
+    assert result["executed_once"] is True
+    assert result["executions"] == result["expected_executions"] == 300 + 1 + 10
+    assert result["drain_per_s"] > 0 and result["enqueue_per_s"] > 0
+    assert 0 < result["latency_p50_ms"] <= result["latency_p99_ms"]
+
+
+def test_fresh_database_is_used_and_removed_afterwards(sqlite_url: str) -> None:
+    with fresh_database(sqlite_url) as url:
+        path = Path(url.removeprefix("sqlite:///"))
+        assert url != sqlite_url
+        path.write_text("scratch")
+    assert not path.exists()
+
+
+def test_bench_refuses_other_databases() -> None:
+    with pytest.raises(ConfigurationError, match="bench needs"):
+        run_bench(BenchSettings(database="mysql://x/y"))
