@@ -25,13 +25,15 @@ SELECT * FROM conveyor_jobs
 SELECT name FROM conveyor_queues
  WHERE name IN (SELECT value FROM json_each(:queues)) AND concurrency_limit IS NOT NULL
 
--- name: limited_due
+-- name: keyed_due
 SELECT EXISTS (SELECT 1 FROM conveyor_jobs
                 WHERE state IN ('queued', 'retrying') AND concurrency_key IS NOT NULL
-                  AND queue IN (SELECT value FROM json_each(:queues)) AND run_at <= {now})
-    OR EXISTS (SELECT 1 FROM conveyor_jobs
+                  AND queue IN (SELECT value FROM json_each(:queues)) AND run_at <= {now}) AS due
+
+-- name: queue_due
+SELECT EXISTS (SELECT 1 FROM conveyor_jobs
                 WHERE state IN ('queued', 'retrying') AND concurrency_key IS NULL
-                  AND queue IN (SELECT value FROM json_each(:limited)) AND run_at <= {now}) AS due
+                  AND queue = :queue AND run_at <= {now}) AS due
 
 -- name: choose_limited
 -- Jobs under a concurrency limit (a concurrency_key, or a queue with a limit) that may run now.
@@ -75,10 +77,10 @@ SELECT r.id, r.priority, r.run_at
  LIMIT :limit
 
 -- name: choose
--- Jobs under no concurrency limit.
+-- Jobs under no concurrency limit, in one queue (the fetch index gives them in claim order).
 SELECT id, priority, run_at FROM conveyor_jobs
  WHERE state IN ('queued', 'retrying') AND concurrency_key IS NULL
-   AND queue IN (SELECT value FROM json_each(:queues)) AND run_at <= {now}
+   AND queue = :queue AND run_at <= {now}
  ORDER BY priority DESC, run_at, id
  LIMIT :limit
 
