@@ -13,7 +13,8 @@ from .errors import (
     SchemaError,
     UnknownTaskError,
 )
-from .job import Job, JobState
+from .job import Job, JobEvent, JobState
+from .services.pruner import Pruner, PruneResult, Retention
 from .states import Backoff
 from .worker import Worker
 
@@ -32,9 +33,13 @@ __all__ = [
     "InvalidTransitionError",
     "Job",
     "JobContext",
+    "JobEvent",
     "JobFailedError",
     "JobNotFoundError",
     "JobState",
+    "PruneResult",
+    "Pruner",
+    "Retention",
     "SchemaError",
     "Snooze",
     "Task",

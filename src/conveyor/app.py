@@ -14,8 +14,10 @@ from . import serialization
 from .backends.base import Backend, NewJob, QueueStats, open_backend
 from .backends.migrate import check_version
 from .errors import ConfigurationError, UnknownTaskError
-from .job import Job
+from .job import Job, JobEvent
 from .options import DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Options, check_queue_name, check_task_name
+from .results import DEFAULT_PUSH_POLL_INTERVAL, JobWaiter, outcome
+from .services.pruner import Retention
 from .states import Backoff, BackoffPolicy
 
 P = ParamSpec("P")
@@ -62,7 +64,8 @@ class Task(Generic[P, R]):
         return self.defaults.backoff or Backoff()
 
     def options(self, **options: Any) -> BoundTask[P, R]:
-        """This task with per-enqueue options (delay, priority, unique_key, idempotency_key, ...)."""
+        """This task with per-enqueue options (delay, priority, unique_key, idempotency_key,
+        depends_on=[jobs or ids], ...)."""
         return BoundTask(self, Options.build(f"task {self.name}", **options))
 
     def request(self, *args: P.args, **kwargs: P.kwargs) -> EnqueueRequest:
@@ -101,6 +104,8 @@ class Conveyor:
 
     The URL defaults to ``$CONVEYOR_DATABASE_URL``, else ``sqlite:///conveyor.db``. Nothing
     connects until first use; the schema version is checked then (``conveyor migrate`` creates it).
+    ``retention`` says how long workers' pruner keeps finished jobs and history (see
+    :class:`~conveyor.services.pruner.Retention` for the defaults).
     """
 
     def __init__(
@@ -108,9 +113,18 @@ class Conveyor:
         url: str | None = None,
         *,
         max_payload_bytes: int = serialization.DEFAULT_MAX_PAYLOAD_BYTES,
+        retention: Retention | None = None,
     ) -> None:
+        if retention is not None and not isinstance(retention, Retention):
+            raise ConfigurationError(
+                f"retention must be a conveyor.Retention, not {type(retention).__name__}"
+            )
         self.url = url or os.environ.get(ENV_URL) or DEFAULT_URL
         self.max_payload_bytes = max_payload_bytes
+        self.retention = retention or Retention()
+        #: While waiting for results on PostgreSQL (which pushes), re-read the job this often.
+        self.result_poll_interval = DEFAULT_PUSH_POLL_INTERVAL
+        self._waiter = JobWaiter(self)
         self.tasks: dict[str, Task[Any, Any]] = {}
         self.queues: dict[str, int | None] = {}
         self._backend: Backend | None = None
@@ -142,6 +156,7 @@ class Conveyor:
         return applied
 
     def close(self) -> None:
+        self._waiter.close()
         with self._lock:
             if self._backend is not None:
                 self._backend.close()
@@ -175,6 +190,11 @@ class Conveyor:
             if task_name in self.tasks:
                 raise ConfigurationError(f"a task named {task_name!r} is already registered")
             opts = Options.build(f"task {task_name}", **options)
+            if opts.depends_on is not None:
+                raise ConfigurationError(
+                    f"task {task_name}: depends_on is per enqueue, not per task: use "
+                    "task.options(depends_on=[...]).enqueue(...)"
+                )
             task = Task(self, func, task_name, opts)
             self.tasks[task_name] = task
             return task
@@ -223,7 +243,7 @@ class Conveyor:
     def enqueue_many(self, requests: Iterable[EnqueueRequest], connection: Any = None) -> list[Job]:
         """Enqueue many jobs in one transaction and one round trip; one Job per request, in order."""
         new_jobs = [self._new_job(r, i) for i, r in enumerate(requests)]
-        jobs = self.backend.job_insert_many(new_jobs, connection=connection)
+        jobs = self._bind(self.backend.job_insert_many(new_jobs, connection=connection))
         for callback in list(self._wake_callbacks):
             callback()
         return jobs
@@ -258,11 +278,40 @@ class Conveyor:
             idempotency_key=opts.idempotency_key,
             concurrency_key=opts.concurrency_key,
             concurrency_limit=opts.concurrency_limit or 1,
+            depends_on=opts.depends_on or (),
         )
 
     # -- operations -----------------------------------------------------------------------------
+    def _bind(self, jobs: list[Job]) -> list[Job]:
+        """Let these snapshots wait for themselves (``job.result()``) through this app."""
+        for job in jobs:
+            object.__setattr__(job, "_app", self)
+        return jobs
+
     def get_job(self, job_id: int) -> Job:
-        return self.backend.job_get(job_id)
+        return self._bind([self.backend.job_get(job_id)])[0]
+
+    def result(self, job_id: int, timeout: float | None = None) -> Any:
+        """Wait (at most ``timeout`` seconds; None: for ever) for the job to finish; its result.
+        JobFailedError (carrying the last error) if it ended dead or cancelled, TimeoutError if
+        it is unfinished when the time is up, JobNotFoundError if there is no such job."""
+        return outcome(self._bind([self._waiter.wait(job_id, timeout)])[0])
+
+    async def result_async(self, job_id: int, timeout: float | None = None) -> Any:
+        """:meth:`result` for async code; never blocks the event loop."""
+        return outcome(self._bind([await self._waiter.wait_async(job_id, timeout)])[0])
+
+    def job_history(self, job_id: int) -> list[JobEvent]:
+        """Every transition of the job, oldest first (see :class:`JobEvent`); JobNotFoundError
+        for a job that does not exist."""
+        events = self.backend.job_events(job_id)
+        if not events:
+            self.backend.job_get(job_id)  # raises for a missing job; an old one may have none left
+        return events
+
+    def job_dependencies(self, job_id: int) -> list[int]:
+        """Ids of the jobs this job was enqueued to depend on (``depends_on``), ascending."""
+        return self.backend.job_dependencies(job_id)
 
     def list_jobs(
         self,
@@ -271,13 +320,13 @@ class Conveyor:
         task: str | None = None,
         limit: int = 100,
     ) -> list[Job]:
-        return self.backend.job_list(state=state, queue=queue, task=task, limit=limit)
+        return self._bind(self.backend.job_list(state=state, queue=queue, task=task, limit=limit))
 
     def cancel_job(self, job_id: int, reason: str = "cancelled by request") -> Job:
-        return self.backend.job_cancel(job_id, reason)
+        return self._bind([self.backend.job_cancel(job_id, reason)])[0]
 
     def retry_job(self, job_id: int) -> Job:
-        return self.backend.job_retry(job_id)
+        return self._bind([self.backend.job_retry(job_id)])[0]
 
     def delete_job(self, job_id: int) -> bool:
         return self.backend.job_delete(job_id)

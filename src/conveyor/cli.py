@@ -1,4 +1,4 @@
-"""The ``conveyor`` command: migrate, worker, enqueue, stats, jobs, demo.
+"""The ``conveyor`` command: migrate, worker, enqueue, stats, jobs, prune, demo.
 
 Conveyor's own errors (bad URL, unreachable server, schema not migrated or too new, bad input)
 print as one line on stderr and exit 1; anything else is a bug and keeps its traceback.
@@ -22,7 +22,8 @@ from rich.table import Table
 
 from .app import Conveyor
 from .errors import ConfigurationError, ConveyorError
-from .job import Job, JobState
+from .job import Job, JobEvent, JobState
+from .services.pruner import Pruner
 from .worker import Worker
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -111,6 +112,13 @@ def migrate(database: str | None, app_spec: str | None) -> None:
     "--grace", default=30.0, show_default=True, type=click.FloatRange(min=0), help="Seconds."
 )
 @click.option("--poll-interval", default=1.0, show_default=True, type=click.FloatRange(min=0.001))
+@click.option(
+    "--prune-interval",
+    default=3600.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds between fleet-wide prunes of old jobs and history; 0: never from this worker.",
+)
 @click.option("--log-level", default="INFO", show_default=True)
 def worker(
     database: str | None,
@@ -120,6 +128,7 @@ def worker(
     lease: float,
     grace: float,
     poll_interval: float,
+    prune_interval: float,
     log_level: str,
 ) -> None:
     """Run jobs. SIGTERM/SIGINT: stop claiming, finish within --grace, hand the rest back;
@@ -138,6 +147,7 @@ def worker(
         lease=lease,
         grace=grace,
         poll_interval=poll_interval,
+        prune_interval=prune_interval or None,
     )
     app.backend  # noqa: B018 - fail fast, before the loop starts, on a bad URL or schema
     asyncio.run(_run_until_signalled(w))
@@ -197,12 +207,16 @@ async def _run_until_signalled(w: Worker) -> None:
 @click.option("--unique-key")
 @click.option("--idempotency-key")
 @click.option("--concurrency-key")
+@click.option(
+    "--depends-on", metavar="IDS", help="Comma-separated ids of jobs that must succeed first."
+)
 def enqueue(
     database: str | None,
     app_spec: str | None,
     task: str,
     args_json: str,
     kwargs_json: str,
+    depends_on: str | None,
     **options: Any,
 ) -> None:
     """Enqueue TASK. With --app the task must be registered (its options apply)."""
@@ -210,6 +224,8 @@ def enqueue(
     kwargs = _json_arg("--kwargs", kwargs_json, dict)
     app = resolve_app(database, app_spec)
     opts = {k: v for k, v in options.items() if v is not None}
+    if depends_on is not None:
+        opts["depends_on"] = _ids_arg("--depends-on", depends_on)
     if app_spec:
         registered = app.get_task(task)
         job = registered.options(**opts).enqueue(*args, **kwargs)
@@ -217,6 +233,13 @@ def enqueue(
         job = app.enqueue_raw(task, args, kwargs, **opts)
     note = " (already enqueued: existing job returned)" if job.deduplicated else ""
     click.echo(f"job {job.id} {job.state} in queue {job.queue}{note}")
+
+
+def _ids_arg(flag: str, text: str) -> list[int]:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() for p in parts):
+        raise ConfigurationError(f"{flag} {text!r} must be comma-separated job ids, like 12,13")
+    return [int(p) for p in parts]
 
 
 def _json_arg(flag: str, text: str, kind: type) -> Any:
@@ -314,7 +337,9 @@ def jobs_list(
 
 
 def job_dict(job: Job) -> dict[str, Any]:
-    out = {k: getattr(job, k) for k in job.__dataclass_fields__ if k != "deduplicated"}
+    names = [k for k in job.__dataclass_fields__ if k != "deduplicated"]
+    # the return value is shown under the stored column's name, "result"
+    out = {("result" if k == "return_value" else k): getattr(job, k) for k in names}
     out["state"] = job.state.value
     return out
 
@@ -324,10 +349,14 @@ def job_dict(job: Job) -> dict[str, Any]:
 @click.argument("job_id", type=int)
 @click.option("--json", "as_json", is_flag=True)
 def jobs_show(database: str | None, app_spec: str | None, job_id: int, as_json: bool) -> None:
-    """Everything about one job, with its error history."""
-    job = resolve_app(database, app_spec).get_job(job_id)
+    """Everything about one job, with its error history and its history of transitions."""
+    app = resolve_app(database, app_spec)
+    job = app.get_job(job_id)
+    history = app.job_history(job_id)
     data = job_dict(job)
+    data["depends_on"] = app.job_dependencies(job_id)
     if as_json:
+        data["history"] = [event_dict(e) for e in history]
         click.echo(json.dumps(data, indent=2, default=str))
         return
     errors = data.pop("errors")
@@ -340,6 +369,32 @@ def jobs_show(database: str | None, app_spec: str | None, job_id: int, as_json: 
         )
         if entry.get("traceback"):
             click.echo(entry["traceback"].rstrip())
+    click.echo("\nhistory:")
+    for event in history:
+        click.echo(event_line(event))
+
+
+def event_dict(event: JobEvent) -> dict[str, Any]:
+    return {
+        "at": event.at.isoformat(),
+        "from_state": None if event.from_state is None else event.from_state.value,
+        "to_state": event.to_state.value,
+        "worker": event.worker,
+        "attempt": event.attempt,
+        "error": event.error,
+    }
+
+
+def event_line(event: JobEvent) -> str:
+    """One transition as a line: ``<time>  queued -> running  attempt 1  worker w1``."""
+    source = "(enqueued)" if event.from_state is None else event.from_state.value
+    line = f"  {event.at.isoformat(timespec='milliseconds')}  {source} -> {event.to_state.value}"
+    line += f"  attempt {event.attempt}"
+    if event.worker:
+        line += f"  worker {event.worker}"
+    if event.message is not None:
+        line += f"  error: {event.message}"
+    return line
 
 
 @jobs.command("retry")
@@ -359,6 +414,24 @@ def jobs_cancel(database: str | None, app_spec: str | None, job_id: int) -> None
     job = resolve_app(database, app_spec).cancel_job(job_id)
     extra = " (cancellation requested from its worker)" if job.cancel_requested else ""
     click.echo(f"job {job.id} {job.state}{extra}")
+
+
+@main.command()
+@database_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def prune(database: str | None, app_spec: str | None, as_json: bool) -> None:
+    """Delete finished jobs and history past the app's retention now (workers also do this
+    periodically). With --app, its Conveyor(retention=...) applies; else the defaults."""
+    app = resolve_app(database, app_spec)
+    result = Pruner(app.backend, app.retention).run_once()
+    if as_json:
+        data = {"jobs": result.jobs, "events": result.events, "skipped": result.skipped}
+        click.echo(json.dumps(data))
+    elif result.skipped:
+        click.echo("skipped: another process is pruning")
+    else:
+        per_state = ", ".join(f"{n} {state}" for state, n in result.jobs.items())
+        click.echo(f"pruned {result.total_jobs} jobs ({per_state}) and {result.events} events")
 
 
 @main.command()

@@ -5,6 +5,11 @@ The CLI prints these as one line; anything else is a bug and keeps its traceback
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .job import Job
+
 
 class ConveyorError(Exception):
     """Base class of Conveyor's own errors."""
@@ -39,4 +44,14 @@ class InvalidTransitionError(ConveyorError):
 
 
 class JobFailedError(ConveyorError):
-    """Raised when waiting for the result of a job that ended dead or cancelled."""
+    """Raised when waiting for the result of a job that ended dead or cancelled. ``job`` is the
+    finished job; ``error`` its last error's message (None if it recorded none)."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.error = job.error
+        reason = job.error if job.error is not None else "no error recorded"
+        super().__init__(f"job {job.id} ({job.task}) ended {job.state.value}: {reason}")
+
+    def __reduce__(self) -> tuple[type[JobFailedError], tuple[Job]]:
+        return (type(self), (self.job,))

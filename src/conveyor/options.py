@@ -66,6 +66,22 @@ def _key(name: str, value: object) -> str:
     return value
 
 
+def _dependencies(value: object) -> tuple[int, ...]:
+    """Job ids from a list of Jobs or ids, in order, without repeats."""
+    if isinstance(value, str | bytes) or not isinstance(value, list | tuple | set | frozenset):
+        raise ConfigurationError(f"option depends_on={value!r} must be a list of jobs or job ids")
+    ids: list[int] = []
+    for item in value:
+        job_id = getattr(item, "id", item) if not isinstance(item, int) else item
+        if isinstance(job_id, bool) or not isinstance(job_id, int) or job_id < 1:
+            raise ConfigurationError(
+                f"option depends_on: {item!r} is not a job or a job id (a positive integer)"
+            )
+        if job_id not in ids:
+            ids.append(job_id)
+    return tuple(ids)
+
+
 @dataclass(frozen=True)
 class Options:
     """Every option; None means "not set here" (a task's value, else the default, applies)."""
@@ -83,6 +99,8 @@ class Options:
     idempotency_key: str | None = None
     delay: float | None = None
     run_at: datetime | None = None
+    #: Jobs (or their ids) that must succeed before this one runs; only per enqueue.
+    depends_on: tuple[int, ...] | None = None
 
     @classmethod
     def build(cls, where: str, **given: Any) -> Options:
@@ -123,6 +141,8 @@ def _check(name: str, value: Any) -> Any:
         if not isinstance(value, datetime) or value.tzinfo is None:
             raise ConfigurationError(f"option run_at={value!r} must be a timezone-aware datetime")
         return value
+    if name == "depends_on":
+        return _dependencies(value)
     if name == "backoff":
         if isinstance(value, int | float) and not isinstance(value, bool):
             return Backoff(base=_number(name, value, 0))

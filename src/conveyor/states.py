@@ -17,6 +17,8 @@ from .job import Job, JobState
 
 #: Transitions a job may take; the schema's CHECK constraints enforce the invariants of each state.
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    # every dependency succeeded / one ended dead or cancelled (or was deleted), or cancel
+    JobState.WAITING: frozenset({JobState.QUEUED, JobState.CANCELLED}),
     JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELLED}),
     JobState.RETRYING: frozenset({JobState.RUNNING, JobState.CANCELLED}),
     JobState.RUNNING: frozenset(
@@ -29,9 +31,13 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
         }
     ),
     JobState.SUCCEEDED: frozenset(),
-    JobState.DEAD: frozenset({JobState.QUEUED}),  # manual retry
-    JobState.CANCELLED: frozenset({JobState.QUEUED}),  # manual retry
+    # manual retry: waiting again while a dependency is unfinished
+    JobState.DEAD: frozenset({JobState.QUEUED, JobState.WAITING}),
+    JobState.CANCELLED: frozenset({JobState.QUEUED, JobState.WAITING}),
 }
+#: The states a job is inserted in: waiting for dependencies, queued, or cancelled at once
+#: because a dependency already ended dead or cancelled.
+INITIAL_STATES = frozenset({JobState.WAITING, JobState.QUEUED, JobState.CANCELLED})
 
 
 def can_transition(src: JobState, dst: JobState) -> bool:

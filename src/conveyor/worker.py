@@ -28,6 +28,7 @@ from .control import Cancel, JobContext, Snooze, _current
 from .errors import InvalidArgumentsError
 from .job import Job, JobState
 from .options import check_queue_name
+from .services.pruner import Pruner
 from .services.rescuer import Rescuer
 from .states import Outcome
 
@@ -63,6 +64,8 @@ class WorkerStats:
     rejected: int = 0  # outcomes refused by fencing (the job was no longer ours)
     handed_back: int = 0
     rescued: int = 0
+    pruned_jobs: int = 0
+    pruned_events: int = 0
 
 
 class Worker:
@@ -78,6 +81,7 @@ class Worker:
         poll_interval: float = 1.0,
         grace: float = 30.0,
         rescue_interval: float | None = None,
+        prune_interval: float | None = 3600.0,
         batch_size: int = 100,
         batch_window: float = 0.002,
         worker_id: str | None = None,
@@ -86,6 +90,8 @@ class Worker:
             raise ValueError(f"concurrency must be >= 1, not {concurrency}")
         if lease <= 0 or poll_interval <= 0 or grace < 0:
             raise ValueError("lease and poll_interval must be > 0 and grace >= 0")
+        if prune_interval is not None and not prune_interval > 0:
+            raise ValueError(f"prune_interval must be > 0 or None, not {prune_interval!r}")
         self.app = app
         self.queues = [check_queue_name(q) for q in (queues or app.default_queues())]
         self.concurrency = concurrency
@@ -96,6 +102,8 @@ class Worker:
         self.rescue_interval = (
             rescue_interval if rescue_interval is not None else min(lease / 2, 15.0)
         )
+        #: How often one worker of the fleet prunes (see services/pruner.py); None: never here.
+        self.prune_interval = prune_interval
         self.batch_size = batch_size
         self.batch_window = batch_window
         self.id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -131,6 +139,10 @@ class Worker:
             asyncio.create_task(self._every(self.rescue_interval, self._rescue_once)),
             asyncio.create_task(self._completer()),
         ]
+        if self.prune_interval is not None:
+            # Check a few times per interval; the database lets one worker per interval prune.
+            check = self.prune_interval / 4
+            services.append(asyncio.create_task(self._every(check, self._prune_once)))
         try:
             await self._fetch_loop(until_idle)
             await self._finish_running()
@@ -384,6 +396,14 @@ class Worker:
     async def _rescue_once(self) -> None:
         rescued = await self._db(Rescuer(self.app.backend).run_once)
         self.stats.rescued += len(rescued)
+
+    async def _prune_once(self) -> None:
+        assert self.prune_interval is not None
+        pruner = Pruner(self.app.backend, self.app.retention)
+        result = await self._db(pruner.run_if_due, self.id, self.prune_interval)
+        if result is not None:
+            self.stats.pruned_jobs += result.total_jobs
+            self.stats.pruned_events += result.events
 
     async def _finish_running(self) -> None:
         """Shutdown: give running jobs ``grace`` seconds, then hand the rest back to the queue."""

@@ -4,10 +4,13 @@ the same backend."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -15,7 +18,7 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import pytest
 
-from conveyor import Conveyor, Job
+from conveyor import Conveyor, Job, Worker
 
 WORKER = "worker-a"
 
@@ -32,6 +35,29 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = 
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(delay)  # polling interval only; the predicate is what synchronises
         delay = min(delay * 2, 0.02)
+
+
+@contextmanager
+def running_worker(app: Conveyor, **options: Any) -> Iterator[Worker]:
+    """A real worker running in a background thread (its own event loop) until the block ends."""
+    worker = Worker(app, **options)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            asyncio.run(worker.run())
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name="test-worker")
+    thread.start()
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        thread.join(timeout=30)
+        assert not thread.is_alive(), "the worker did not stop"
+        assert not errors, errors
 
 
 def is_sqlite(url: str) -> bool:

@@ -185,7 +185,7 @@ def test_idempotency_key_returns_the_first_job_even_after_it_succeeded(
     later = work.options(idempotency_key="charge:9").enqueue(3)
     assert later.deduplicated
     assert later.id == first.id
-    assert later.state == JobState.SUCCEEDED and later.result == 1
+    assert later.state == JobState.SUCCEEDED and later.return_value == 1
     assert raw.count_jobs() == 1
 
 

@@ -52,13 +52,13 @@ def test_stale_outcome_after_lease_loss_is_rejected_and_the_new_attempt_stands(
     assert current.state == JobState.RUNNING
     assert current.attempt == 2 and current.lease_owner == "B"
     assert current.lease_expires_at == b.lease_expires_at
-    assert current.result is None
+    assert current.return_value is None
     assert [e["kind"] for e in current.errors] == ["lease_expired"]
 
     # B's outcome is the one that counts
     assert app.backend.job_finish_many("B", [succeed(b, '"fresh"')]) == {b.id}
     done = app.get_job(b.id)
-    assert done.state == JobState.SUCCEEDED and done.result == "fresh" and done.attempt == 2
+    assert done.state == JobState.SUCCEEDED and done.return_value == "fresh" and done.attempt == 2
 
 
 def test_a_stale_success_cannot_undo_the_new_attempts_outcome(app: Conveyor) -> None:
@@ -71,7 +71,7 @@ def test_a_stale_success_cannot_undo_the_new_attempts_outcome(app: Conveyor) -> 
 
     assert app.backend.job_finish_many("A", [succeed(a, '"stale"')]) == set()
     after = app.get_job(b.id)
-    assert after.state == JobState.RETRYING and after.result is None
+    assert after.state == JobState.RETRYING and after.return_value is None
     assert after.error == "B failed"
 
 
@@ -87,7 +87,7 @@ def test_old_attempt_of_the_same_worker_is_rejected(app: Conveyor) -> None:
     assert app.backend.job_finish_many("A", [succeed(first, '"old"')]) == set()
     assert app.get_job(first.id).state == JobState.RUNNING
     assert app.backend.job_finish_many("A", [succeed(second, '"new"')]) == {second.id}
-    assert app.get_job(first.id).result == "new"
+    assert app.get_job(first.id).return_value == "new"
 
 
 def test_another_worker_cannot_finish_a_job_it_does_not_hold(app: Conveyor) -> None:
@@ -135,4 +135,4 @@ def test_a_batch_applies_only_its_fenced_outcomes(app: Conveyor) -> None:
     assert applied == {kept.id, also_kept.id}
     assert app.get_job(lost.id).state == JobState.RUNNING
     assert app.get_job(lost.id).lease_owner == "B"
-    assert app.get_job(kept.id).result == 1 and app.get_job(also_kept.id).result == 2
+    assert app.get_job(kept.id).return_value == 1 and app.get_job(also_kept.id).return_value == 2

@@ -213,7 +213,7 @@ def test_retry_a_dead_job_queues_it_again_keeping_its_history(app: Conveyor) -> 
     ]
     assert app.drain(poll_interval=0.01) == {"succeeded": 1}
     done = app.get_job(job.id)
-    assert done.state == JobState.SUCCEEDED and done.result == "third time lucky"
+    assert done.state == JobState.SUCCEEDED and done.return_value == "third time lucky"
     assert done.attempt == 1 and len(done.errors) == 2
 
 

@@ -18,7 +18,7 @@ def test_return_value_is_stored_and_job_succeeds(app: Conveyor) -> None:
     done = app.get_job(job.id)
     assert counts == {"succeeded": 1}
     assert done.state == JobState.SUCCEEDED
-    assert done.result == {"sum": 5}
+    assert done.return_value == {"sum": 5}
     assert done.attempt == 1
     assert done.finished_at is not None and done.attempted_at is not None
     assert done.finished_at >= done.attempted_at
@@ -72,7 +72,7 @@ def test_polling_job_snoozes_50_times_without_using_attempts(app: Conveyor) -> N
 
     done = app.get_job(job.id)
     assert done.state == JobState.SUCCEEDED
-    assert done.result == "ready"
+    assert done.return_value == "ready"
     assert done.attempt == 1
     assert done.snoozes == 50
     assert done.errors == []

@@ -69,7 +69,9 @@ def test_check_constraints_reject_rows_that_break_the_invariants(app: Conveyor, 
         ),
         ("attempt above max_attempts", "attempt = 4", (), "attempt_range"),
         ("negative attempt", "attempt = -1", (), "attempt_range"),
-        ("waiting with no attempt left", "attempt = 3", (), "waiting_is_claimable"),
+        ("queued with no attempt left", "attempt = 3", (), "pending_can_run"),
+        ("waiting with no attempt left", "state = 'waiting', attempt = 3", (), "pending_can_run"),
+        ("waiting after it started", "state = 'waiting', attempt = 1", (), "waiting_never_started"),
         ("result on a queued job", "result = '1'", (), "result_only_succeeded"),
         (
             "cancel request on a queued job",
@@ -116,6 +118,16 @@ def test_check_constraints_reject_rows_that_break_the_invariants(app: Conveyor, 
         assert "conveyor_queues_limit_positive" in str(exc)
     else:
         raise AssertionError("a queue limit of 0 was accepted")
+
+    # a dependency is always an older job, so the dependency graph cannot have a cycle
+    try:
+        raw.execute(
+            "INSERT INTO conveyor_job_deps (job_id, depends_on) VALUES (%s, %s)", (queued, queued)
+        )
+    except raw.integrity_error as exc:
+        assert "conveyor_job_deps_acyclic" in str(exc)
+    else:
+        raise AssertionError("a job depending on itself was accepted")
 
 
 # -- migrations ---------------------------------------------------------------------------------
@@ -293,6 +305,13 @@ _PG_CATALOG = {
           JOIN pg_language l ON l.oid = p.prolang
          WHERE n.nspname = current_schema()
          ORDER BY 1, 2""",
+    "triggers": """
+        SELECT c.relname, t.tgname, replace(pg_get_triggerdef(t.oid), n.nspname || '.', '')
+          FROM pg_trigger t
+          JOIN pg_class c ON c.oid = t.tgrelid
+          JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname = current_schema() AND NOT t.tgisinternal
+         ORDER BY 1, 2""",
     "sequences": """
         SELECT sequencename, data_type, start_value, increment_by
           FROM pg_sequences WHERE schemaname = current_schema() ORDER BY 1""",
@@ -327,6 +346,7 @@ def test_migrations_build_the_schema_in_schema_sql(
         documented = _pg_catalog(other_db_url)
         names = {row[1] for row in migrated["constraints"] + migrated["indexes"]}
         names |= {row[0] for row in migrated["tables"] + migrated["functions"]}
+        names |= {row[1] for row in migrated["triggers"]}
 
     # the catalogs are not vacuous: they see the schema's tables, constraints and indexes
     for expected in (
@@ -336,9 +356,15 @@ def test_migrations_build_the_schema_in_schema_sql(
         "conveyor_workers",
         "conveyor_jobs_unique_key",
         "conveyor_jobs_fetch",
+        "conveyor_job_events",
+        "conveyor_job_events_job",
+        "conveyor_leader",
     ):
         assert expected in names, f"{expected} is missing from the migrated catalog"
     if not is_sqlite(db_url):
         assert "conveyor_jobs_finished_iff_terminal" in names and "conveyor_claim" in names
+        assert "conveyor_jobs_after_update" in names  # the history trigger (and its function)
+    else:
+        assert "conveyor_jobs_history_update" in names
     for part in migrated:
         assert documented[part] == migrated[part], f"schema.sql differs from the migrations: {part}"

@@ -39,7 +39,7 @@ def test_sigkilled_workers_jobs_are_rescued_and_run_by_another_process(
     for job_id in ids:
         job = app.get_job(job_id)
         assert job.attempt == 2
-        assert job.result == 2  # the second run (hang_first returns its run number)
+        assert job.return_value == 2  # the second run (hang_first returns its run number)
         assert len(job.errors) == 1
         error = job.errors[0]
         assert error["message"] == f"lease expired: worker {doomed_id} lost"

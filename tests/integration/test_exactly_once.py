@@ -45,5 +45,5 @@ def test_every_job_runs_exactly_once_across_processes(
     assert set(pids) == {w.pid for w in workers}, pids
     done = app.list_jobs(state="succeeded", limit=N_JOBS)
     assert len(done) == N_JOBS
-    assert all(j.result == j.args[0] and j.attempt == 1 and j.errors == [] for j in done)
+    assert all(j.return_value == j.args[0] and j.attempt == 1 and j.errors == [] for j in done)
     assert all(j.lease_owner is None for j in done)

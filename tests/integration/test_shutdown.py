@@ -37,7 +37,7 @@ def test_sigterm_finishes_within_grace_and_hands_the_rest_back(
         done = app.get_job(job.id)
         assert done.state == JobState.SUCCEEDED, done
         assert done.finished_at is not None and done.finished_at > signalled_at
-        assert done.attempt == 1 and done.result == 1
+        assert done.attempt == 1 and done.return_value == 1
     for job in long:  # still running when grace ran out: back to queued, attempt refunded
         back = app.get_job(job.id)
         assert back.state == JobState.QUEUED, back
@@ -57,7 +57,7 @@ def test_sigterm_finishes_within_grace_and_hands_the_rest_back(
     wait_all_in(app, [JobState.SUCCEEDED], 5, timeout=20)
     for job in long:
         done = app.get_job(job.id)
-        assert done.attempt == 1 and done.result == 2 and done.errors == []
+        assert done.attempt == 1 and done.return_value == 2 and done.errors == []
     started = rows(url, STARTS)
     assert sorted(started) == sorted(
         [(j.id, 1, worker.pid) for j in [*short, *long]]
@@ -84,7 +84,7 @@ def test_second_signal_exits_at_once_and_the_lease_recovers_the_job(
     start_worker(*worker_args(lease=1))
     wait_all_in(app, [JobState.SUCCEEDED], 1, timeout=20)
     done = app.get_job(job.id)
-    assert done.attempt == 2 and done.result == 2
+    assert done.attempt == 2 and done.return_value == 2
     assert [e["kind"] for e in done.errors] == ["lease_expired"]
 
 

@@ -35,6 +35,6 @@ def test_both_backends_define_the_same_queries_where_shared() -> None:
         "rescue_stuck",
         "hand_back",
         "retry_job",
-        "cancel_waiting",
+        "cancel_pending",
     }
     assert shared <= set(pg) and shared <= set(lite)

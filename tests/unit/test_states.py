@@ -20,7 +20,7 @@ def make_job(**overrides: Any) -> Job:
         created_at=NOW, run_at=NOW, started_at=NOW, attempted_at=NOW, finished_at=None,
         heartbeat_at=NOW, lease_owner="w", lease_expires_at=NOW, attempt=1, max_attempts=3,
         snoozes=0, max_snoozes=None, deadline=None, timeout=None, last_error=None, errors=[],
-        result=None, unique_key=None, idempotency_key=None, concurrency_key=None,
+        return_value=None, unique_key=None, idempotency_key=None, concurrency_key=None,
         concurrency_limit=1, cancel_requested=False,
     )  # fmt: skip
     fields.update(overrides)
@@ -29,10 +29,16 @@ def make_job(**overrides: Any) -> Job:
 
 def test_terminal_states_only_leave_by_manual_retry() -> None:
     assert TRANSITIONS[JobState.SUCCEEDED] == frozenset()
-    for state in (JobState.DEAD, JobState.CANCELLED):
-        assert TRANSITIONS[state] == {JobState.QUEUED}
+    for state in (JobState.DEAD, JobState.CANCELLED):  # waiting again if a dependency is unfinished
+        assert TRANSITIONS[state] == {JobState.QUEUED, JobState.WAITING}
     assert can_transition(JobState.RUNNING, JobState.QUEUED)
     assert not can_transition(JobState.QUEUED, JobState.SUCCEEDED)
+
+
+def test_a_waiting_job_is_released_or_cancelled_and_never_runs_directly() -> None:
+    assert TRANSITIONS[JobState.WAITING] == {JobState.QUEUED, JobState.CANCELLED}
+    assert not any(JobState.WAITING in TRANSITIONS[s] for s in (JobState.QUEUED, JobState.RUNNING))
+    assert set(TRANSITIONS) == set(JobState)
 
 
 def test_default_backoff_doubles_with_bounded_jitter() -> None:

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import abc
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
 from ..errors import ConfigurationError
-from ..job import Job, JobState
+from ..job import Job, JobEvent, JobState
 from ..states import Outcome
 
 
@@ -39,6 +40,12 @@ class NewJob:
     idempotency_key: str | None = None
     concurrency_key: str | None = None
     concurrency_limit: int = 1
+    #: Ids of jobs that must succeed first (see backends/dependencies.py).
+    depends_on: tuple[int, ...] = ()
+
+
+#: NewJob fields that are columns of conveyor_jobs (depends_on is a table of its own).
+NEW_JOB_COLUMNS = tuple(f for f in NewJob.__dataclass_fields__ if f != "depends_on")
 
 
 @dataclass(frozen=True)
@@ -91,13 +98,27 @@ def job_from_row(row: dict[str, Any], **extra: Any) -> Job:
         timeout=row["timeout"],
         last_error=row["last_error"],
         errors=row["errors"],
-        result=row["result"],
+        return_value=row["result"],
         unique_key=row["unique_key"],
         idempotency_key=row["idempotency_key"],
         concurrency_key=row["concurrency_key"],
         concurrency_limit=row["concurrency_limit"],
         cancel_requested=bool(row["cancel_requested"]),
         **extra,
+    )
+
+
+def event_from_row(row: dict[str, Any]) -> JobEvent:
+    """Build a :class:`JobEvent` from a row already converted to Python types."""
+    return JobEvent(
+        id=row["id"],
+        job_id=row["job_id"],
+        at=row["at"],
+        from_state=None if row["from_state"] is None else JobState(row["from_state"]),
+        to_state=JobState(row["to_state"]),
+        worker=row["worker"],
+        attempt=row["attempt"],
+        error=row["error"],
     )
 
 
@@ -150,9 +171,15 @@ class Backend(abc.ABC):
     def job_insert_many(self, jobs: Sequence[NewJob], connection: Any = None) -> list[Job]:
         """Insert jobs in one transaction (or on the caller's ``connection``, inside the caller's
         transaction, never committing it). Returns one Job per input, in order. A job whose
-        ``idempotency_key`` exists, or whose ``unique_key`` is held by an active (queued, running,
-        retrying) job, is not inserted: the existing job is returned with ``deduplicated=True``.
-        Dedupe is enforced by unique indexes, so concurrent enqueuers cannot both insert."""
+        ``idempotency_key`` exists, or whose ``unique_key`` is held by an active (waiting, queued,
+        running, retrying) job, is not inserted: the existing job is returned with
+        ``deduplicated=True``. Dedupe is enforced by unique indexes, so concurrent enqueuers
+        cannot both insert.
+
+        A job with ``depends_on`` starts waiting until they all succeeded; queued if they already
+        all did; cancelled at once, naming the first that failed, if one ended dead or cancelled.
+        Its dependencies are share-locked while deciding, so none finishes unnoticed. A
+        dependency that does not exist raises JobNotFoundError and inserts nothing."""
 
     @abc.abstractmethod
     def job_fetch_available(
@@ -203,18 +230,72 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def job_cancel(self, job_id: int, reason: str = "cancelled by request") -> Job:
-        """Queued/retrying -> cancelled at once; running -> cancel_requested (the worker delivers
-        it); terminal -> unchanged. Returns the job after the change."""
+        """Waiting/queued/retrying -> cancelled at once; running -> cancel_requested (the worker
+        delivers it); terminal -> unchanged. Returns the job after the change. Cancelling a job
+        (like any job ending dead or cancelled) cancels the jobs waiting for it, transitively."""
 
     @abc.abstractmethod
     def job_retry(self, job_id: int) -> Job:
         """Dead or cancelled -> queued, due now, attempt 0, snoozes 0, finish and lease fields
-        cleared, error history kept. Other states: InvalidTransitionError."""
+        cleared, error history kept; waiting instead while one of its dependencies is unfinished.
+        Other states, or a dependency that ended dead or cancelled (retry it first):
+        InvalidTransitionError."""
 
     @abc.abstractmethod
     def job_delete(self, job_id: int) -> bool:
-        """Delete a job that is not running. Returns False if it did not exist; raises
+        """Delete a job that is not running, with its history. Jobs waiting for it are cancelled
+        ("dependency job N (task) was deleted"). Returns False if it did not exist; raises
         InvalidTransitionError for a running job (cancel it first)."""
+
+    @abc.abstractmethod
+    def job_dependencies(self, job_id: int) -> list[int]:
+        """Ids of the jobs ``job_id`` was enqueued to depend on, ascending (empty if none)."""
+
+    def watch_finished(
+        self, on_finished: Callable[[Iterable[int]], None], on_gap: Callable[[], None]
+    ) -> Callable[[], None] | None:
+        """Push, if this backend can: call ``on_finished(ids)`` (from another thread) when jobs
+        of any process reach a terminal state, and ``on_gap()`` when notifications may have been
+        missed (the listener lost its connection, or got it back). Returns once listening (or
+        after trying for a few seconds), with a function that stops it; None when the backend
+        cannot push (SQLite), so callers poll."""
+        return None
+
+    # -- history and retention ------------------------------------------------------------------
+    @abc.abstractmethod
+    def job_events(self, job_id: int) -> list[JobEvent]:
+        """The job's history, oldest first: one event for its insert and one per transition
+        (state or attempt changed), written by database triggers in the same transaction as the
+        change, whatever wrote it. Empty for an unknown (or deleted) job: deleting a job deletes
+        its events."""
+
+    @abc.abstractmethod
+    def job_prune(
+        self, state: JobState, older_than: float, limit: int, now: datetime | None = None
+    ) -> int:
+        """Delete up to ``limit`` jobs in the terminal ``state`` whose finished_at is more than
+        ``older_than`` seconds before ``now`` (default: the database clock), oldest first, with
+        their events, in one statement. Skips rows another transaction holds. Returns how many."""
+
+    @abc.abstractmethod
+    def event_prune(self, older_than: float, limit: int, now: datetime | None = None) -> int:
+        """Delete up to ``limit`` events recorded more than ``older_than`` seconds before ``now``
+        (default: the database clock), oldest first, in one statement. Returns how many."""
+
+    @abc.abstractmethod
+    def leader_claim(
+        self, name: str, holder: str, interval: float, now: datetime | None = None
+    ) -> bool:
+        """Claim the run of the fleet-wide maintenance task ``name`` for this interval: True, and
+        ``holder`` recorded as its last runner at ``now`` (default: the database clock), when no
+        run was recorded or the last one started at least ``interval`` seconds before ``now``;
+        else False. Atomic: of concurrent callers, at most one wins per interval."""
+
+    @abc.abstractmethod
+    def maintenance_lock(self, name: str) -> AbstractContextManager[bool]:
+        """A context manager yielding whether this process may run maintenance task ``name`` now,
+        excluding every other process until it exits (PostgreSQL: a session advisory lock, never
+        waited for; SQLite: always True, as its single writer lock already serializes writes)."""
 
     # -- queues, workers, stats -----------------------------------------------------------------
     @abc.abstractmethod

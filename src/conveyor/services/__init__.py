@@ -1,5 +1,6 @@
 """Maintenance services. Each is ``run_once(now=None)``: one pass, with an injectable clock."""
 
+from .pruner import Pruner, PruneResult, Retention
 from .rescuer import Rescuer
 
-__all__ = ["Rescuer"]
+__all__ = ["PruneResult", "Pruner", "Rescuer", "Retention"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
@@ -15,18 +15,27 @@ from ...errors import (
     InvalidTransitionError,
     JobNotFoundError,
 )
-from ...job import Job
+from ...job import Job, JobEvent, JobState
 from ...states import Outcome
 from ..base import (
+    NEW_JOB_COLUMNS,
     Backend,
     NewJob,
     QueueStats,
     WorkerInfo,
     build_stats,
+    event_from_row,
     job_from_row,
     redact_url,
 )
 from ..dedupe import resolve_inserted
+from ..dependencies import (
+    Dependency,
+    all_dependency_ids,
+    check_exist,
+    initial_state,
+    retry_state,
+)
 from ..migrate import POSTGRES_MIGRATIONS as MIGRATIONS
 from ..migrate import check_version
 
@@ -38,8 +47,11 @@ except ImportError:  # pragma: no cover - exercised only without the extra insta
     psycopg = None  # type: ignore[assignment]
 
 _MIGRATION_LOCK = 7262100439
+#: Session advisory locks of maintenance tasks (one process at a time runs each).
+_MAINTENANCE_LOCKS = {"prune": 7262100440}
 QUERIES = sqlfile.load(__name__)
 _FLOAT_COLUMNS = ("delay", "deadline", "timeout")
+_QUEUED: tuple[str, str | None] = ("queued", None)
 
 
 def _configure(conn: Any) -> None:
@@ -165,11 +177,16 @@ class PostgresBackend(Backend):
             return self._insert_on(conn, jobs)
 
     def _insert_on(self, conn: Any, jobs: Sequence[NewJob]) -> list[Job]:
+        plan = self._initial_states(conn, jobs)
+
         def insert(batch: Sequence[NewJob]) -> list[Job]:
-            cols = {name: [getattr(j, name) for j in batch] for name in NewJob.__dataclass_fields__}
+            cols = {name: [getattr(j, name) for j in batch] for name in NEW_JOB_COLUMNS}
             # each column is one typed array: 5 and 5.0 in one batch must both be floats
             for name in _FLOAT_COLUMNS:
                 cols[name] = [None if v is None else float(v) for v in cols[name]]
+            states = [plan.get(id(j), _QUEUED) for j in batch]
+            cols["state"] = [state for state, _ in states]
+            cols["reason"] = [reason for _, reason in states]
             with conn.cursor(row_factory=dict_row) as cur:
                 cur.execute(QUERIES["insert_jobs"], cols)
                 return [job_from_row(r) for r in cur.fetchall()]
@@ -181,7 +198,33 @@ class PostgresBackend(Backend):
                 )
                 return [job_from_row(r) for r in cur.fetchall()]
 
-        return resolve_inserted(jobs, insert, find)
+        inserted = resolve_inserted(jobs, insert, find)
+        edges = [
+            (job.id, dep)
+            for new, job in zip(jobs, inserted, strict=True)
+            if not job.deduplicated
+            for dep in new.depends_on
+        ]
+        if edges:
+            with conn.cursor() as cur:
+                cur.execute(
+                    QUERIES["insert_dependencies"],
+                    {"job_id": [e[0] for e in edges], "depends_on": [e[1] for e in edges]},
+                )
+        return inserted
+
+    @staticmethod
+    def _initial_states(conn: Any, jobs: Sequence[NewJob]) -> dict[int, tuple[str, str | None]]:
+        """{id(new job): (state, reason)} for the jobs with dependencies, which stay share-locked
+        until the caller's transaction ends (so none finishes before the edges are committed)."""
+        ids = all_dependency_ids(jobs)
+        if not ids:
+            return {}
+        with conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(QUERIES["lock_dependencies"], {"ids": ids})
+            found = {r["id"]: Dependency.from_row(r) for r in cur.fetchall()}
+        check_exist(jobs, found)
+        return {id(job): initial_state(job.depends_on, found) for job in jobs if job.depends_on}
 
     def job_fetch_available(
         self, worker_id: str, queues: Sequence[str], limit: int, lease: float
@@ -246,18 +289,30 @@ class PostgresBackend(Backend):
         )
 
     def job_cancel(self, job_id: int, reason: str = "cancelled by request") -> Job:
-        job = self._one_job("cancel_waiting", job_id, reason=reason)
+        job = self._one_job("cancel_pending", job_id, reason=reason)
         job = job or self._one_job("cancel_running", job_id)
         return job or self.job_get(job_id)
 
     def job_retry(self, job_id: int) -> Job:
-        job = self._one_job("retry_job", job_id)
-        if job is None:
+        current = self.job_get(job_id)
+        row = None
+        if current.state in ("dead", "cancelled"):
+            with self._conn() as conn, conn.transaction():
+                deps = [
+                    Dependency.from_row(r)
+                    for r in conn.execute(QUERIES["lock_job_dependencies"], {"id": job_id})
+                ]
+                params = {"id": job_id, "state": retry_state(job_id, deps)}
+                row = conn.execute(QUERIES["retry_job"], params).fetchone()
+        if row is None:
             current = self.job_get(job_id)
             raise InvalidTransitionError(
                 f"job {job_id} is {current.state}; only dead or cancelled jobs can be retried"
             )
-        return job
+        return job_from_row(row)
+
+    def job_dependencies(self, job_id: int) -> list[int]:
+        return [int(r["depends_on"]) for r in self._all("job_dependencies", {"id": job_id})]
 
     def job_delete(self, job_id: int) -> bool:
         if self._all("delete_job", {"id": job_id}):
@@ -267,6 +322,51 @@ class PostgresBackend(Backend):
         except JobNotFoundError:
             return False
         raise InvalidTransitionError(f"job {job_id} is {current.state}; cancel it before deleting")
+
+    def watch_finished(
+        self, on_finished: Callable[[Iterable[int]], None], on_gap: Callable[[], None]
+    ) -> Callable[[], None] | None:
+        from .listener import FinishedListener
+
+        return FinishedListener(self.url, on_finished, on_gap).start()
+
+    # -- history and retention ------------------------------------------------------------------
+    def job_events(self, job_id: int) -> list[JobEvent]:
+        return [event_from_row(r) for r in self._all("job_events", {"id": job_id})]
+
+    def _rowcount(self, query: str, params: dict[str, Any]) -> int:
+        with self._conn() as conn:
+            return int(conn.execute(QUERIES[query], params).rowcount)
+
+    def job_prune(
+        self, state: JobState, older_than: float, limit: int, now: datetime | None = None
+    ) -> int:
+        params = {"state": str(state), "age": float(older_than), "limit": limit, "now": now}
+        return self._rowcount("prune_jobs", params)
+
+    def event_prune(self, older_than: float, limit: int, now: datetime | None = None) -> int:
+        return self._rowcount(
+            "prune_events", {"age": float(older_than), "limit": limit, "now": now}
+        )
+
+    def leader_claim(
+        self, name: str, holder: str, interval: float, now: datetime | None = None
+    ) -> bool:
+        params = {"name": name, "holder": holder, "interval": float(interval), "now": now}
+        return bool(self._all("leader_claim", params))
+
+    @contextmanager
+    def maintenance_lock(self, name: str) -> Iterator[bool]:
+        key = _MAINTENANCE_LOCKS[name]
+        with self._conn() as conn:
+            held = bool(
+                conn.execute("SELECT pg_try_advisory_lock(%s) AS ok", (key,)).fetchone()["ok"]
+            )
+            try:
+                yield held
+            finally:
+                if held:
+                    conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
 
     # -- queues, workers, stats -----------------------------------------------------------------
     def queue_configure(self, name: str, concurrency: int | None) -> None:

@@ -4,29 +4,59 @@
 SELECT now() AS now
 
 -- name: insert_jobs
+-- state is decided from each job's dependencies: waiting, queued, or cancelled at once (reason).
 INSERT INTO conveyor_jobs (task, queue, args, kwargs, priority, run_at, max_attempts, max_snoozes,
                            deadline, timeout, unique_key, idempotency_key, concurrency_key,
-                           concurrency_limit)
+                           concurrency_limit, state, finished_at, last_error, errors)
 SELECT t.task, t.queue, t.args::jsonb, t.kwargs::jsonb, t.priority,
        coalesce(t.run_at, now() + t.delay * interval '1 second'),
        t.max_attempts, t.max_snoozes, t.deadline, t.timeout, t.unique_key, t.idempotency_key,
-       t.concurrency_key, t.concurrency_limit
+       t.concurrency_key, t.concurrency_limit, t.state,
+       CASE WHEN t.state = 'cancelled' THEN now() END,
+       e.error, CASE WHEN e.error IS NULL THEN '[]'::jsonb ELSE jsonb_build_array(e.error) END
   FROM unnest(%(task)s::text[], %(queue)s::text[], %(args)s::text[], %(kwargs)s::text[],
               %(priority)s::int[], %(run_at)s::timestamptz[], %(delay)s::float8[],
               %(max_attempts)s::int[], %(max_snoozes)s::int[], %(deadline)s::float8[],
               %(timeout)s::float8[], %(unique_key)s::text[], %(idempotency_key)s::text[],
-              %(concurrency_key)s::text[], %(concurrency_limit)s::int[])
+              %(concurrency_key)s::text[], %(concurrency_limit)s::int[], %(state)s::text[],
+              %(reason)s::text[])
        WITH ORDINALITY AS t(task, queue, args, kwargs, priority, run_at, delay, max_attempts,
                             max_snoozes, deadline, timeout, unique_key, idempotency_key,
-                            concurrency_key, concurrency_limit, ord)
+                            concurrency_key, concurrency_limit, state, reason, ord)
+ CROSS JOIN LATERAL (
+       SELECT CASE WHEN t.reason IS NOT NULL
+                   THEN jsonb_build_object('attempt', 0, 'at', now(), 'kind', 'dependency',
+                                           'message', t.reason) END AS error) e
  ORDER BY t.ord
 ON CONFLICT DO NOTHING
 RETURNING *
 
+-- name: lock_dependencies
+-- Share locks: a dependency cannot finish (its trigger missing our new dependent) until we commit.
+SELECT id, task, state, last_error FROM conveyor_jobs
+ WHERE id = ANY(%(ids)s::bigint[])
+ ORDER BY id
+   FOR SHARE
+
+-- name: insert_dependencies
+INSERT INTO conveyor_job_deps (job_id, depends_on)
+SELECT * FROM unnest(%(job_id)s::bigint[], %(depends_on)s::bigint[])
+
+-- name: lock_job_dependencies
+SELECT p.id, p.task, p.state, p.last_error
+  FROM conveyor_job_deps d JOIN conveyor_jobs p ON p.id = d.depends_on
+ WHERE d.job_id = %(id)s
+ ORDER BY p.id
+   FOR SHARE OF p
+
+-- name: job_dependencies
+SELECT depends_on FROM conveyor_job_deps WHERE job_id = %(id)s ORDER BY depends_on
+
 -- name: find_duplicates
 SELECT * FROM conveyor_jobs
  WHERE idempotency_key = ANY(%(idempotency_keys)s::text[])
-    OR (unique_key = ANY(%(unique_keys)s::text[]) AND state IN ('queued', 'running', 'retrying'))
+    OR (unique_key = ANY(%(unique_keys)s::text[])
+        AND state IN ('waiting', 'queued', 'running', 'retrying'))
 
 -- name: claim
 SELECT * FROM conveyor_claim(%(worker)s, %(queues)s::text[], %(limit)s, %(lease)s)
@@ -99,14 +129,14 @@ SELECT * FROM conveyor_jobs
  ORDER BY id DESC
  LIMIT %(limit)s
 
--- name: cancel_waiting
+-- name: cancel_pending
 UPDATE conveyor_jobs
    SET state = 'cancelled', finished_at = greatest(now(), attempted_at),
        last_error = jsonb_build_object('attempt', attempt, 'at', now(), 'kind', 'cancelled',
                                        'message', %(reason)s::text),
        errors = errors || jsonb_build_array(jsonb_build_object(
                     'attempt', attempt, 'at', now(), 'kind', 'cancelled', 'message', %(reason)s::text))
- WHERE id = %(id)s AND state IN ('queued', 'retrying')
+ WHERE id = %(id)s AND state IN ('waiting', 'queued', 'retrying')
 RETURNING *
 
 -- name: cancel_running
@@ -115,8 +145,9 @@ UPDATE conveyor_jobs SET cancel_requested = true
 RETURNING *
 
 -- name: retry_job
+-- %(state)s is queued, or waiting while one of the job's dependencies is unfinished.
 UPDATE conveyor_jobs
-   SET state = 'queued', run_at = now(), attempt = 0, snoozes = 0, started_at = NULL,
+   SET state = %(state)s, run_at = now(), attempt = 0, snoozes = 0, started_at = NULL,
        attempted_at = NULL, finished_at = NULL, heartbeat_at = NULL, result = NULL,
        cancel_requested = false
  WHERE id = %(id)s AND state IN ('dead', 'cancelled')
@@ -154,3 +185,34 @@ SELECT queue, extract(epoch FROM now() - min(run_at)) AS age
 
 -- name: stats_limits
 SELECT name, concurrency_limit FROM conveyor_queues
+
+-- name: job_events
+SELECT * FROM conveyor_job_events WHERE job_id = %(id)s ORDER BY id
+
+-- name: prune_jobs
+WITH doomed AS (
+    SELECT id FROM conveyor_jobs
+     WHERE state = %(state)s
+       AND finished_at < coalesce(%(now)s::timestamptz, now()) - %(age)s * interval '1 second'
+     ORDER BY finished_at
+     LIMIT %(limit)s
+       FOR UPDATE SKIP LOCKED
+)
+DELETE FROM conveyor_jobs j USING doomed d WHERE j.id = d.id
+
+-- name: prune_events
+WITH doomed AS (
+    SELECT id FROM conveyor_job_events
+     WHERE at < coalesce(%(now)s::timestamptz, now()) - %(age)s * interval '1 second'
+     ORDER BY at
+     LIMIT %(limit)s
+       FOR UPDATE SKIP LOCKED
+)
+DELETE FROM conveyor_job_events e USING doomed d WHERE e.id = d.id
+
+-- name: leader_claim
+INSERT INTO conveyor_leader (name, holder, started_at)
+VALUES (%(name)s, %(holder)s, coalesce(%(now)s::timestamptz, now()))
+ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, started_at = excluded.started_at
+ WHERE conveyor_leader.started_at <= excluded.started_at - %(interval)s * interval '1 second'
+RETURNING holder

@@ -4,11 +4,12 @@ SQLITE_BUSY is retried here, never surfaced to callers."""
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,10 +23,27 @@ from ...errors import (
     InvalidTransitionError,
     JobNotFoundError,
 )
-from ...job import Job
+from ...job import Job, JobEvent, JobState
 from ...states import Outcome
-from ..base import Backend, NewJob, QueueStats, WorkerInfo, build_stats, job_from_row, redact_url
+from ..base import (
+    NEW_JOB_COLUMNS,
+    Backend,
+    NewJob,
+    QueueStats,
+    WorkerInfo,
+    build_stats,
+    event_from_row,
+    job_from_row,
+    redact_url,
+)
 from ..dedupe import resolve_inserted
+from ..dependencies import (
+    Dependency,
+    all_dependency_ids,
+    check_exist,
+    initial_state,
+    retry_state,
+)
 from ..migrate import SQLITE_MIGRATIONS as MIGRATIONS
 from ..migrate import check_version
 
@@ -43,12 +61,15 @@ _TIME_COLUMNS = [
     "lease_expires_at",
     "last_seen_at",
     "stopped_at",
+    "at",
 ]
-_JSON_COLUMNS = ("args", "kwargs", "last_error", "errors", "result", "queues")
+_JSON_COLUMNS = ("args", "kwargs", "last_error", "errors", "result", "queues", "error")
 #: How long a write keeps retrying SQLITE_BUSY before giving up with a clear error.
 BUSY_RETRY_SECONDS = 60.0
 #: Idle connections kept open for reuse; more may be open while in use.
 _MAX_IDLE = 8
+#: Jobs inserted per statement by enqueue_many (one JSON array each).
+_INSERT_CHUNK = 5000
 
 
 def path_from_url(url: str) -> str:
@@ -68,7 +89,11 @@ def path_from_url(url: str) -> str:
 
 
 def _to_time(value: float | None) -> datetime | None:
-    return None if value is None else datetime.fromtimestamp(value, UTC)
+    """Rounded down to the microsecond, so a time read back and written again (``run_at=now``)
+    is never later than the database's own value."""
+    if value is None:
+        return None
+    return datetime.fromtimestamp(math.floor(value * 1e6) / 1e6, UTC)
 
 
 def _from_time(value: datetime | None) -> float | None:
@@ -92,6 +117,14 @@ def _convert(row: sqlite3.Row) -> dict[str, Any]:
 
 def _job(row: sqlite3.Row) -> Job:
     return job_from_row(_convert(row))
+
+
+def _record(job: NewJob, plan: dict[int, tuple[str, str | None]]) -> dict[str, Any]:
+    """One job as an object of the JSON array that ``insert_jobs`` reads."""
+    record = {k: getattr(job, k) for k in NEW_JOB_COLUMNS}
+    record["run_at"] = _from_time(job.run_at)
+    record["state"], record["reason"] = plan.get(id(job), ("queued", None))
+    return record
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
@@ -137,6 +170,8 @@ class SQLiteBackend(Backend):
             conn.execute("PRAGMA busy_timeout = 5000")
             self._retry_busy(lambda: conn.execute("PRAGMA journal_mode = WAL"))
             conn.execute("PRAGMA synchronous = NORMAL")
+            # Cancelling a job's dependents fires the same trigger for theirs (dependencies).
+            conn.execute("PRAGMA recursive_triggers = ON")
         except sqlite3.DatabaseError as exc:
             raise ConfigurationError(f"cannot open SQLite database {self.path!r}: {exc}") from None
         return conn
@@ -270,19 +305,49 @@ class SQLiteBackend(Backend):
             cur.row_factory = sqlite3.Row
             return cur.execute(QUERIES[query], params).fetchall()
 
+        plan = SQLiteBackend._initial_states(jobs, rows)
+
         def insert(batch: Sequence[NewJob]) -> list[Job]:
             out: list[Job] = []
-            for job in batch:
-                params = {k: getattr(job, k) for k in NewJob.__dataclass_fields__}
-                params["run_at"] = _from_time(job.run_at)
-                out.extend(_job(r) for r in rows("insert_job", params))
+            for start in range(0, len(batch), _INSERT_CHUNK):
+                records = [_record(job, plan) for job in batch[start : start + _INSERT_CHUNK]]
+                out.extend(_job(r) for r in rows("insert_jobs", {"jobs": json.dumps(records)}))
             return out
 
         def find(idem: list[str], uniq: list[str]) -> list[Job]:
             params = {"idempotency_keys": json.dumps(idem), "unique_keys": json.dumps(uniq)}
             return [_job(r) for r in rows("find_duplicates", params)]
 
-        return resolve_inserted(jobs, insert, find)
+        inserted = resolve_inserted(jobs, insert, find)
+        pairs = [
+            [job.id, dep]
+            for new, job in zip(jobs, inserted, strict=True)
+            if not job.deduplicated
+            for dep in new.depends_on
+        ]
+        if pairs:
+            rows("insert_dependencies", {"pairs": json.dumps(pairs)})
+        return inserted
+
+    @staticmethod
+    def _initial_states(
+        jobs: Sequence[NewJob], rows: Callable[[str, dict[str, Any]], list[sqlite3.Row]]
+    ) -> dict[int, tuple[str, str | None]]:
+        """{id(new job): (state, reason)} for the jobs with dependencies (inside the write
+        transaction, so no dependency can finish before the job and its edges are written)."""
+        ids = all_dependency_ids(jobs)
+        if not ids:
+            return {}
+        rows("take_write_lock", {})  # already held in our own BEGIN IMMEDIATE transactions
+        found = {
+            d.id: d
+            for d in (
+                Dependency.from_row(_convert(r))
+                for r in rows("dependency_states", {"ids": json.dumps(ids)})
+            )
+        }
+        check_exist(jobs, found)
+        return {id(job): initial_state(job.depends_on, found) for job in jobs if job.depends_on}
 
     def job_fetch_available(
         self, worker_id: str, queues: Sequence[str], limit: int, lease: float
@@ -385,18 +450,31 @@ class SQLiteBackend(Backend):
         return [_job(r) for r in self._read("list_jobs", params)]
 
     def job_cancel(self, job_id: int, reason: str = "cancelled by request") -> Job:
-        job = self._one_job("cancel_waiting", job_id, reason=reason)
+        job = self._one_job("cancel_pending", job_id, reason=reason)
         job = job or self._one_job("cancel_running", job_id)
         return job or self.job_get(job_id)
 
     def job_retry(self, job_id: int) -> Job:
-        job = self._one_job("retry_job", job_id)
-        if job is None:
+        def retry(conn: sqlite3.Connection) -> sqlite3.Row | None:
+            current = conn.execute(QUERIES["get_job"], {"id": job_id}).fetchone()
+            if current is None or current["state"] not in ("dead", "cancelled"):
+                return None
+            rows = conn.execute(QUERIES["job_dependencies"], {"id": job_id}).fetchall()
+            deps = [Dependency.from_row(_convert(r)) for r in rows]
+            params = {"id": job_id, "state": retry_state(job_id, deps)}
+            row: sqlite3.Row | None = conn.execute(QUERIES["retry_job"], params).fetchone()
+            return row
+
+        row = self._write(retry)
+        if row is None:
             current = self.job_get(job_id)
             raise InvalidTransitionError(
                 f"job {job_id} is {current.state}; only dead or cancelled jobs can be retried"
             )
-        return job
+        return _job(row)
+
+    def job_dependencies(self, job_id: int) -> list[int]:
+        return [int(r["id"]) for r in self._read("job_dependencies", {"id": job_id})]
 
     def job_delete(self, job_id: int) -> bool:
         if self._write_rows("delete_job", {"id": job_id}):
@@ -406,6 +484,29 @@ class SQLiteBackend(Backend):
         except JobNotFoundError:
             return False
         raise InvalidTransitionError(f"job {job_id} is {current.state}; cancel it before deleting")
+
+    # -- history and retention ------------------------------------------------------------------
+    def job_events(self, job_id: int) -> list[JobEvent]:
+        return [event_from_row(_convert(r)) for r in self._read("job_events", {"id": job_id})]
+
+    def job_prune(
+        self, state: JobState, older_than: float, limit: int, now: datetime | None = None
+    ) -> int:
+        params = {"state": str(state), "age": older_than, "limit": limit, "now": _from_time(now)}
+        return self._write(lambda c: c.execute(QUERIES["prune_jobs"], params).rowcount)
+
+    def event_prune(self, older_than: float, limit: int, now: datetime | None = None) -> int:
+        params = {"age": older_than, "limit": limit, "now": _from_time(now)}
+        return self._write(lambda c: c.execute(QUERIES["prune_events"], params).rowcount)
+
+    def leader_claim(
+        self, name: str, holder: str, interval: float, now: datetime | None = None
+    ) -> bool:
+        params = {"name": name, "holder": holder, "interval": interval, "now": _from_time(now)}
+        return bool(self._write_rows("leader_claim", params))
+
+    def maintenance_lock(self, name: str) -> AbstractContextManager[bool]:
+        return nullcontext(True)
 
     # -- queues, workers, stats -----------------------------------------------------------------
     def queue_configure(self, name: str, concurrency: int | None) -> None:

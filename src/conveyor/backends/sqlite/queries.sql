@@ -5,21 +5,73 @@
 -- name: db_now
 SELECT {now} AS now
 
--- name: insert_job
+-- name: insert_jobs
+-- :jobs is a JSON array with one object per job (NewJob's columns, args and kwargs as JSON text,
+-- run_at in epoch seconds, plus state and reason), inserted in order in one statement. state is
+-- decided from the job's dependencies: waiting, queued, or cancelled at once (reason).
 INSERT INTO conveyor_jobs (task, queue, args, kwargs, priority, created_at, run_at, max_attempts,
                            max_snoozes, deadline, timeout, unique_key, idempotency_key,
-                           concurrency_key, concurrency_limit)
-VALUES (:task, :queue, :args, :kwargs, :priority, {now}, coalesce(:run_at, {now} + :delay),
-        :max_attempts, :max_snoozes, :deadline, :timeout, :unique_key, :idempotency_key,
-        :concurrency_key, :concurrency_limit)
+                           concurrency_key, concurrency_limit, state, finished_at, last_error,
+                           errors)
+SELECT j.task, j.queue, j.args, j.kwargs, j.priority, {now}, coalesce(j.run_at, {now} + j.delay),
+       j.max_attempts, j.max_snoozes, j.deadline, j.timeout, j.unique_key, j.idempotency_key,
+       j.concurrency_key, j.concurrency_limit, j.state,
+       CASE WHEN j.state = 'cancelled' THEN {now} END,
+       CASE WHEN j.reason IS NOT NULL
+            THEN json_object('attempt', 0, 'at', strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now'),
+                             'kind', 'dependency', 'message', j.reason) END,
+       CASE WHEN j.reason IS NULL THEN '[]'
+            ELSE json_array(json_object('attempt', 0,
+                                        'at', strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now'),
+                                        'kind', 'dependency', 'message', j.reason)) END
+  FROM (SELECT e.key AS ord,
+               json_extract(e.value, '$.task') AS task,
+               json_extract(e.value, '$.queue') AS queue,
+               json_extract(e.value, '$.args') AS args,
+               json_extract(e.value, '$.kwargs') AS kwargs,
+               json_extract(e.value, '$.priority') AS priority,
+               json_extract(e.value, '$.run_at') AS run_at,
+               json_extract(e.value, '$.delay') AS delay,
+               json_extract(e.value, '$.max_attempts') AS max_attempts,
+               json_extract(e.value, '$.max_snoozes') AS max_snoozes,
+               json_extract(e.value, '$.deadline') AS deadline,
+               json_extract(e.value, '$.timeout') AS timeout,
+               json_extract(e.value, '$.unique_key') AS unique_key,
+               json_extract(e.value, '$.idempotency_key') AS idempotency_key,
+               json_extract(e.value, '$.concurrency_key') AS concurrency_key,
+               json_extract(e.value, '$.concurrency_limit') AS concurrency_limit,
+               json_extract(e.value, '$.state') AS state,
+               json_extract(e.value, '$.reason') AS reason
+          FROM json_each(:jobs) AS e) AS j
+ WHERE true  -- (SQLite needs a WHERE before ON CONFLICT after a SELECT)
+ ORDER BY j.ord
 ON CONFLICT DO NOTHING
 RETURNING *
+
+-- name: take_write_lock
+-- A write that changes nothing but starts the write transaction (and takes SQLite's one writer
+-- lock) on a caller's connection, so the dependency states read next cannot change before commit.
+UPDATE conveyor_job_deps SET job_id = job_id WHERE 0
+
+-- name: dependency_states
+SELECT id, task, state, last_error FROM conveyor_jobs
+ WHERE id IN (SELECT value FROM json_each(:ids))
+
+-- name: insert_dependencies
+INSERT INTO conveyor_job_deps (job_id, depends_on)
+SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(:pairs)
+
+-- name: job_dependencies
+SELECT d.depends_on AS id, p.task, p.state, p.last_error
+  FROM conveyor_job_deps d LEFT JOIN conveyor_jobs p ON p.id = d.depends_on
+ WHERE d.job_id = :id
+ ORDER BY d.depends_on
 
 -- name: find_duplicates
 SELECT * FROM conveyor_jobs
  WHERE idempotency_key IN (SELECT value FROM json_each(:idempotency_keys))
     OR (unique_key IN (SELECT value FROM json_each(:unique_keys))
-        AND state IN ('queued', 'running', 'retrying'))
+        AND state IN ('waiting', 'queued', 'running', 'retrying'))
 
 -- name: limited_queues
 SELECT name FROM conveyor_queues
@@ -155,7 +207,7 @@ SELECT * FROM conveyor_jobs
  ORDER BY id DESC
  LIMIT :limit
 
--- name: cancel_waiting
+-- name: cancel_pending
 UPDATE conveyor_jobs
    SET state = 'cancelled', finished_at = max({now}, coalesce(attempted_at, {now})),
        last_error = json_object('attempt', attempt,
@@ -164,7 +216,7 @@ UPDATE conveyor_jobs
        errors = json_insert(errors, '$[#]', json_object(
                     'attempt', attempt, 'at', strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now'),
                     'kind', 'cancelled', 'message', :reason))
- WHERE id = :id AND state IN ('queued', 'retrying')
+ WHERE id = :id AND state IN ('waiting', 'queued', 'retrying')
 RETURNING *
 
 -- name: cancel_running
@@ -173,8 +225,9 @@ UPDATE conveyor_jobs SET cancel_requested = 1
 RETURNING *
 
 -- name: retry_job
+-- :state is queued, or waiting while one of the job's dependencies is unfinished.
 UPDATE conveyor_jobs
-   SET state = 'queued', run_at = {now}, attempt = 0, snoozes = 0, started_at = NULL,
+   SET state = :state, run_at = {now}, attempt = 0, snoozes = 0, started_at = NULL,
        attempted_at = NULL, finished_at = NULL, heartbeat_at = NULL, result = NULL,
        cancel_requested = 0
  WHERE id = :id AND state IN ('dead', 'cancelled')
@@ -212,3 +265,27 @@ SELECT queue, {now} - min(run_at) AS age
 
 -- name: stats_limits
 SELECT name, concurrency_limit FROM conveyor_queues
+
+-- name: job_events
+SELECT * FROM conveyor_job_events WHERE job_id = :id ORDER BY id
+
+-- name: prune_jobs
+DELETE FROM conveyor_jobs
+ WHERE id IN (SELECT id FROM conveyor_jobs
+               WHERE state = :state AND finished_at < coalesce(:now, {now}) - :age
+               ORDER BY finished_at
+               LIMIT :limit)
+
+-- name: prune_events
+DELETE FROM conveyor_job_events
+ WHERE id IN (SELECT id FROM conveyor_job_events
+               WHERE at < coalesce(:now, {now}) - :age
+               ORDER BY at
+               LIMIT :limit)
+
+-- name: leader_claim
+INSERT INTO conveyor_leader (name, holder, started_at)
+VALUES (:name, :holder, coalesce(:now, {now}))
+ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, started_at = excluded.started_at
+ WHERE conveyor_leader.started_at <= excluded.started_at - :interval
+RETURNING holder

@@ -32,7 +32,7 @@ CREATE TABLE conveyor_jobs (
     concurrency_limit integer NOT NULL DEFAULT 1,
     cancel_requested  boolean NOT NULL DEFAULT false,
     CONSTRAINT conveyor_jobs_state_valid
-        CHECK (state IN ('queued', 'running', 'retrying', 'succeeded', 'dead', 'cancelled')),
+        CHECK (state IN ('waiting', 'queued', 'running', 'retrying', 'succeeded', 'dead', 'cancelled')),
     CONSTRAINT conveyor_jobs_finished_iff_terminal
         CHECK ((finished_at IS NOT NULL) = (state IN ('succeeded', 'dead', 'cancelled'))),
     CONSTRAINT conveyor_jobs_finished_after_attempted
@@ -44,8 +44,10 @@ CREATE TABLE conveyor_jobs (
         CHECK (state <> 'running' OR (attempted_at IS NOT NULL AND started_at IS NOT NULL AND attempt >= 1)),
     CONSTRAINT conveyor_jobs_attempt_range
         CHECK (attempt >= 0 AND attempt <= max_attempts),
-    CONSTRAINT conveyor_jobs_waiting_is_claimable
-        CHECK (state NOT IN ('queued', 'retrying') OR attempt < max_attempts),
+    CONSTRAINT conveyor_jobs_pending_can_run
+        CHECK (state NOT IN ('waiting', 'queued', 'retrying') OR attempt < max_attempts),
+    CONSTRAINT conveyor_jobs_waiting_never_started
+        CHECK (state <> 'waiting' OR (attempt = 0 AND started_at IS NULL AND attempted_at IS NULL)),
     CONSTRAINT conveyor_jobs_result_only_succeeded
         CHECK (result IS NULL OR state = 'succeeded'),
     CONSTRAINT conveyor_jobs_cancel_only_running
@@ -59,7 +61,7 @@ CREATE TABLE conveyor_jobs (
         CHECK (length(queue) BETWEEN 1 AND 100 AND length(task) BETWEEN 1 AND 200)
 );
 
--- Claim path: waiting jobs only, in claim order; keyed jobs have their own index so the unlimited
+-- Claim path: queued and retrying jobs only, in claim order; keyed jobs have their own index so the unlimited
 -- fast path never scans them.
 CREATE INDEX conveyor_jobs_fetch ON conveyor_jobs (queue, priority DESC, run_at, id)
     WHERE state IN ('queued', 'retrying') AND concurrency_key IS NULL;
@@ -71,7 +73,7 @@ CREATE INDEX conveyor_jobs_running_key ON conveyor_jobs (concurrency_key)
 CREATE INDEX conveyor_jobs_running_queue ON conveyor_jobs (queue) WHERE state = 'running';
 CREATE INDEX conveyor_jobs_finished ON conveyor_jobs (finished_at) WHERE finished_at IS NOT NULL;
 CREATE UNIQUE INDEX conveyor_jobs_unique_key ON conveyor_jobs (unique_key)
-    WHERE unique_key IS NOT NULL AND state IN ('queued', 'running', 'retrying');
+    WHERE unique_key IS NOT NULL AND state IN ('waiting', 'queued', 'running', 'retrying');
 CREATE UNIQUE INDEX conveyor_jobs_idempotency_key ON conveyor_jobs (idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 
@@ -192,3 +194,202 @@ BEGIN
     END IF;
 END
 $fn$;
+
+-- Job history: one row per insert and per state transition of a job, written by the triggers
+-- below so that no code path can forget it. Ordered by id; the error is the last_error the
+-- transition recorded (without its traceback, which stays in the job's errors).
+CREATE TABLE conveyor_job_events (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    job_id      bigint NOT NULL,
+    at          timestamptz NOT NULL DEFAULT now(),
+    from_state  text,
+    to_state    text NOT NULL,
+    worker      text,
+    attempt     integer NOT NULL,
+    error       jsonb
+);
+
+CREATE INDEX conveyor_job_events_job ON conveyor_job_events (job_id, id);
+CREATE INDEX conveyor_job_events_at ON conveyor_job_events (at);
+
+-- Dependencies: a job enqueued with depends_on waits (state 'waiting', never claimed) until every
+-- job it depends on succeeded. Dependencies always existed before their dependents, so
+-- depends_on < job_id: the graph cannot have a cycle.
+CREATE TABLE conveyor_job_deps (
+    job_id      bigint NOT NULL,
+    depends_on  bigint NOT NULL,
+    PRIMARY KEY (job_id, depends_on),
+    CONSTRAINT conveyor_job_deps_acyclic CHECK (depends_on < job_id)
+);
+
+CREATE INDEX conveyor_job_deps_depends_on ON conveyor_job_deps (depends_on);
+
+-- Release the waiting dependents of jobs that just succeeded whose dependencies all succeeded (a
+-- dependency that no longer exists was pruned after finishing, and blocks nothing). The
+-- dependents are locked first, in id order, and checked by a later statement: of two
+-- transactions finishing two dependencies of one job at once, the second to lock it sees the
+-- first's commit, so the job cannot be left waiting.
+CREATE FUNCTION conveyor_release_dependents(_succeeded bigint[]) RETURNS void
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    PERFORM 1 FROM conveyor_jobs j
+      WHERE j.state = 'waiting'
+        AND j.id IN (SELECT d.job_id FROM conveyor_job_deps d WHERE d.depends_on = ANY(_succeeded))
+      ORDER BY j.id
+        FOR UPDATE;
+    UPDATE conveyor_jobs j
+       SET state = 'queued', run_at = greatest(j.run_at, now())
+     WHERE j.state = 'waiting'
+       AND j.id IN (SELECT d.job_id FROM conveyor_job_deps d WHERE d.depends_on = ANY(_succeeded))
+       AND NOT EXISTS (SELECT 1 FROM conveyor_job_deps d JOIN conveyor_jobs p ON p.id = d.depends_on
+                        WHERE d.job_id = j.id AND p.state <> 'succeeded');
+END
+$fn$;
+
+-- Cancel every job waiting, directly or through other waiting jobs, on jobs that just ended dead or
+-- cancelled (or were deleted), in one statement. The reason names the job that failed: a job that
+-- was itself cancelled by a dependency passes its reason on.
+CREATE FUNCTION conveyor_cancel_dependents(_failed bigint[], _reasons text[]) RETURNS void
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    _ids bigint[];
+    _why text[];
+BEGIN
+    WITH RECURSIVE doomed (id, root, reason) AS (
+        SELECT d.job_id, f.id, f.reason
+          FROM unnest(_failed, _reasons) AS f(id, reason)
+          JOIN conveyor_job_deps d ON d.depends_on = f.id
+          JOIN conveyor_jobs w ON w.id = d.job_id AND w.state = 'waiting'
+        UNION
+        SELECT d.job_id, x.root, x.reason
+          FROM doomed x
+          JOIN conveyor_job_deps d ON d.depends_on = x.id
+          JOIN conveyor_jobs w ON w.id = d.job_id AND w.state = 'waiting'
+    ), chosen AS (
+        SELECT DISTINCT ON (id) id, reason FROM doomed ORDER BY id, root
+    )
+    SELECT array_agg(id ORDER BY id), array_agg(reason ORDER BY id) INTO _ids, _why FROM chosen;
+    IF _ids IS NULL THEN
+        RETURN;
+    END IF;
+    PERFORM 1 FROM conveyor_jobs WHERE id = ANY(_ids) ORDER BY id FOR UPDATE;
+    UPDATE conveyor_jobs j
+       SET state = 'cancelled', finished_at = now(),
+           last_error = jsonb_build_object('attempt', j.attempt, 'at', now(), 'kind', 'dependency',
+                                           'message', c.reason),
+           errors = j.errors || jsonb_build_array(jsonb_build_object(
+                        'attempt', j.attempt, 'at', now(), 'kind', 'dependency',
+                        'message', c.reason))
+      FROM unnest(_ids, _why) AS c(id, reason)
+     WHERE j.id = c.id AND j.state = 'waiting';
+END
+$fn$;
+
+-- Tell result waiters (LISTEN conveyor_job_state) which jobs just finished: comma-separated ids,
+-- at most 300 per notification (payloads must stay under 8000 bytes). Delivered on commit.
+CREATE FUNCTION conveyor_notify_finished(_ids bigint[]) RETURNS void
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    PERFORM pg_notify('conveyor_job_state', string_agg(c.id::text, ','))
+       FROM (SELECT u.id, (u.n - 1) / 300 AS chunk
+               FROM unnest(_ids) WITH ORDINALITY AS u(id, n)) c
+      GROUP BY c.chunk;
+END
+$fn$;
+
+-- Statement-level triggers over transition tables: a bulk insert or a batched finish writes its
+-- history in one INSERT ... SELECT.
+CREATE FUNCTION conveyor_jobs_after_insert() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    INSERT INTO conveyor_job_events (job_id, from_state, to_state, worker, attempt, error)
+    SELECT n.id, NULL, n.state, n.lease_owner, n.attempt, n.last_error - 'traceback'
+      FROM new_rows n
+     ORDER BY n.id;
+    PERFORM conveyor_notify_finished(ARRAY(
+        SELECT n.id FROM new_rows n WHERE n.state IN ('succeeded', 'dead', 'cancelled')));
+    RETURN NULL;
+END
+$fn$;
+
+-- The worker is the lease owner involved: the new one on a claim, the old one when a running job
+-- leaves running. The attempt is the one that ended when leaving running, else the new one.
+CREATE FUNCTION conveyor_jobs_after_update() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    _succeeded bigint[];
+    _failed bigint[];
+    _reasons text[];
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM new_rows n JOIN old_rows o ON o.id = n.id
+                    WHERE n.state <> o.state OR n.attempt <> o.attempt) THEN
+        RETURN NULL;  -- no transition (a heartbeat, a cancel request)
+    END IF;
+    INSERT INTO conveyor_job_events (job_id, from_state, to_state, worker, attempt, error)
+    SELECT n.id, o.state, n.state, coalesce(n.lease_owner, o.lease_owner),
+           CASE WHEN o.state = 'running' THEN o.attempt ELSE n.attempt END,
+           CASE WHEN n.last_error IS DISTINCT FROM o.last_error
+                THEN n.last_error - 'traceback' END
+      FROM new_rows n JOIN old_rows o ON o.id = n.id
+     WHERE n.state <> o.state OR n.attempt <> o.attempt
+     ORDER BY n.id;
+    SELECT array_agg(n.id ORDER BY n.id) FILTER (WHERE n.state = 'succeeded'),
+           array_agg(n.id ORDER BY n.id) FILTER (WHERE n.state <> 'succeeded'),
+           array_agg(CASE WHEN n.last_error->>'kind' = 'dependency' THEN n.last_error->>'message'
+                          ELSE format('dependency job %s (%s) ended %s', n.id, n.task, n.state)
+                     END ORDER BY n.id) FILTER (WHERE n.state <> 'succeeded')
+      INTO _succeeded, _failed, _reasons
+      FROM new_rows n JOIN old_rows o ON o.id = n.id
+     WHERE n.state IN ('succeeded', 'dead', 'cancelled') AND n.state <> o.state;
+    IF _succeeded IS NULL AND _failed IS NULL THEN
+        RETURN NULL;
+    END IF;
+    PERFORM conveyor_notify_finished(coalesce(_succeeded, '{}') || coalesce(_failed, '{}'));
+    IF EXISTS (SELECT 1 FROM conveyor_job_deps WHERE depends_on = ANY(_failed)) THEN
+        PERFORM conveyor_cancel_dependents(_failed, _reasons);
+    END IF;
+    IF EXISTS (SELECT 1 FROM conveyor_job_deps WHERE depends_on = ANY(_succeeded)) THEN
+        PERFORM conveyor_release_dependents(_succeeded);
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+
+-- A deleted job takes its history and its dependency edges with it, and cancels the jobs still
+-- waiting for it.
+CREATE FUNCTION conveyor_jobs_after_delete() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    _deleted bigint[];
+    _reasons text[];
+BEGIN
+    DELETE FROM conveyor_job_events e USING old_rows o WHERE e.job_id = o.id;
+    DELETE FROM conveyor_job_deps d USING old_rows o WHERE d.job_id = o.id;
+    SELECT array_agg(o.id ORDER BY o.id),
+           array_agg(format('dependency job %s (%s) was deleted', o.id, o.task) ORDER BY o.id)
+      INTO _deleted, _reasons
+      FROM old_rows o
+     WHERE EXISTS (SELECT 1 FROM conveyor_job_deps d WHERE d.depends_on = o.id);
+    IF _deleted IS NOT NULL THEN
+        PERFORM conveyor_cancel_dependents(_deleted, _reasons);
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+
+CREATE TRIGGER conveyor_jobs_after_insert AFTER INSERT ON conveyor_jobs
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION conveyor_jobs_after_insert();
+CREATE TRIGGER conveyor_jobs_after_update AFTER UPDATE ON conveyor_jobs
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION conveyor_jobs_after_update();
+CREATE TRIGGER conveyor_jobs_after_delete AFTER DELETE ON conveyor_jobs
+    REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION conveyor_jobs_after_delete();
+
+-- Maintenance that one worker of the fleet runs per interval (the pruner): who last ran it, when.
+CREATE TABLE conveyor_leader (
+    name        text PRIMARY KEY,
+    holder      text NOT NULL,
+    started_at  timestamptz NOT NULL
+);

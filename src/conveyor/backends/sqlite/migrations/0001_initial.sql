@@ -33,7 +33,7 @@ CREATE TABLE conveyor_jobs (
     concurrency_limit INTEGER NOT NULL DEFAULT 1,
     cancel_requested  INTEGER NOT NULL DEFAULT 0,
     CONSTRAINT conveyor_jobs_state_valid
-        CHECK (state IN ('queued', 'running', 'retrying', 'succeeded', 'dead', 'cancelled')),
+        CHECK (state IN ('waiting', 'queued', 'running', 'retrying', 'succeeded', 'dead', 'cancelled')),
     CONSTRAINT conveyor_jobs_finished_iff_terminal
         CHECK ((finished_at IS NOT NULL) = (state IN ('succeeded', 'dead', 'cancelled'))),
     CONSTRAINT conveyor_jobs_finished_after_attempted
@@ -45,8 +45,10 @@ CREATE TABLE conveyor_jobs (
         CHECK (state <> 'running' OR (attempted_at IS NOT NULL AND started_at IS NOT NULL AND attempt >= 1)),
     CONSTRAINT conveyor_jobs_attempt_range
         CHECK (attempt >= 0 AND attempt <= max_attempts),
-    CONSTRAINT conveyor_jobs_waiting_is_claimable
-        CHECK (state NOT IN ('queued', 'retrying') OR attempt < max_attempts),
+    CONSTRAINT conveyor_jobs_pending_can_run
+        CHECK (state NOT IN ('waiting', 'queued', 'retrying') OR attempt < max_attempts),
+    CONSTRAINT conveyor_jobs_waiting_never_started
+        CHECK (state <> 'waiting' OR (attempt = 0 AND started_at IS NULL AND attempted_at IS NULL)),
     CONSTRAINT conveyor_jobs_result_only_succeeded
         CHECK (result IS NULL OR state = 'succeeded'),
     CONSTRAINT conveyor_jobs_cancel_only_running
@@ -70,7 +72,7 @@ CREATE INDEX conveyor_jobs_running_key ON conveyor_jobs (concurrency_key)
 CREATE INDEX conveyor_jobs_running_queue ON conveyor_jobs (queue) WHERE state = 'running';
 CREATE INDEX conveyor_jobs_finished ON conveyor_jobs (finished_at) WHERE finished_at IS NOT NULL;
 CREATE UNIQUE INDEX conveyor_jobs_unique_key ON conveyor_jobs (unique_key)
-    WHERE unique_key IS NOT NULL AND state IN ('queued', 'running', 'retrying');
+    WHERE unique_key IS NOT NULL AND state IN ('waiting', 'queued', 'running', 'retrying');
 CREATE UNIQUE INDEX conveyor_jobs_idempotency_key ON conveyor_jobs (idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 
@@ -90,4 +92,122 @@ CREATE TABLE conveyor_workers (
     started_at    REAL NOT NULL,
     last_seen_at  REAL NOT NULL,
     stopped_at    REAL
+);
+
+-- Job history: one row per insert and per state transition of a job, written by the triggers
+-- below so that no code path can forget it. Ordered by id; the error is the last_error the
+-- transition recorded (without its traceback, which stays in the job's errors).
+CREATE TABLE conveyor_job_events (
+    id          INTEGER PRIMARY KEY,
+    job_id      INTEGER NOT NULL,
+    at          REAL NOT NULL,
+    from_state  TEXT,
+    to_state    TEXT NOT NULL,
+    worker      TEXT,
+    attempt     INTEGER NOT NULL,
+    error       TEXT CHECK (error IS NULL OR json_valid(error))
+);
+
+CREATE INDEX conveyor_job_events_job ON conveyor_job_events (job_id, id);
+CREATE INDEX conveyor_job_events_at ON conveyor_job_events (at);
+
+CREATE TRIGGER conveyor_jobs_history_insert AFTER INSERT ON conveyor_jobs
+FOR EACH ROW
+BEGIN
+    INSERT INTO conveyor_job_events (job_id, at, from_state, to_state, worker, attempt, error)
+    VALUES (NEW.id, ((julianday('now') - 2440587.5) * 86400.0), NULL, NEW.state,
+            NEW.lease_owner, NEW.attempt, json_remove(NEW.last_error, '$.traceback'));
+END;
+
+-- The worker is the lease owner involved: the new one on a claim, the old one when a running job
+-- leaves running. The attempt is the one that ended when leaving running, else the new one.
+CREATE TRIGGER conveyor_jobs_history_update AFTER UPDATE OF state, attempt ON conveyor_jobs
+FOR EACH ROW WHEN OLD.state IS NOT NEW.state OR OLD.attempt IS NOT NEW.attempt
+BEGIN
+    INSERT INTO conveyor_job_events (job_id, at, from_state, to_state, worker, attempt, error)
+    VALUES (NEW.id, ((julianday('now') - 2440587.5) * 86400.0), OLD.state, NEW.state,
+            coalesce(NEW.lease_owner, OLD.lease_owner),
+            CASE WHEN OLD.state = 'running' THEN OLD.attempt ELSE NEW.attempt END,
+            CASE WHEN NEW.last_error IS NOT OLD.last_error
+                 THEN json_remove(NEW.last_error, '$.traceback') END);
+END;
+
+-- Dependencies: a job enqueued with depends_on waits (state 'waiting', never claimed) until every
+-- job it depends on succeeded. Dependencies always existed before their dependents, so
+-- depends_on < job_id: the graph cannot have a cycle.
+CREATE TABLE conveyor_job_deps (
+    job_id      INTEGER NOT NULL,
+    depends_on  INTEGER NOT NULL,
+    PRIMARY KEY (job_id, depends_on),
+    CONSTRAINT conveyor_job_deps_acyclic CHECK (depends_on < job_id)
+) WITHOUT ROWID;
+
+CREATE INDEX conveyor_job_deps_depends_on ON conveyor_job_deps (depends_on);
+
+-- A job that succeeded releases each waiting dependent whose dependencies all succeeded (a
+-- dependency that no longer exists was pruned after finishing, and blocks nothing).
+CREATE TRIGGER conveyor_jobs_release_dependents AFTER UPDATE OF state ON conveyor_jobs
+FOR EACH ROW WHEN NEW.state = 'succeeded' AND OLD.state <> 'succeeded'
+BEGIN
+    UPDATE conveyor_jobs
+       SET state = 'queued', run_at = max(run_at, ((julianday('now') - 2440587.5) * 86400.0))
+     WHERE state = 'waiting'
+       AND id IN (SELECT job_id FROM conveyor_job_deps WHERE depends_on = NEW.id)
+       AND NOT EXISTS (SELECT 1 FROM conveyor_job_deps d JOIN conveyor_jobs p ON p.id = d.depends_on
+                        WHERE d.job_id = conveyor_jobs.id AND p.state <> 'succeeded');
+END;
+
+-- A job that ended dead or cancelled cancels its waiting dependents, naming it (or, when it was
+-- itself cancelled by a dependency, passing on the job that failed). The dependents' own
+-- cancellation fires this trigger again: the backend turns on PRAGMA recursive_triggers, so the
+-- cancellation reaches every transitive dependent (up to SQLite's trigger depth, 1000 levels).
+CREATE TRIGGER conveyor_jobs_cancel_dependents AFTER UPDATE OF state ON conveyor_jobs
+FOR EACH ROW WHEN NEW.state IN ('dead', 'cancelled') AND OLD.state NOT IN ('dead', 'cancelled')
+BEGIN
+    UPDATE conveyor_jobs
+       SET state = 'cancelled', finished_at = ((julianday('now') - 2440587.5) * 86400.0),
+           last_error = json_object(
+               'attempt', attempt, 'at', strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now'),
+               'kind', 'dependency',
+               'message', CASE WHEN json_extract(NEW.last_error, '$.kind') = 'dependency'
+                               THEN json_extract(NEW.last_error, '$.message')
+                               ELSE 'dependency job ' || NEW.id || ' (' || NEW.task || ') ended '
+                                    || NEW.state END),
+           errors = json_insert(errors, '$[#]', json_object(
+               'attempt', attempt, 'at', strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now'),
+               'kind', 'dependency',
+               'message', CASE WHEN json_extract(NEW.last_error, '$.kind') = 'dependency'
+                               THEN json_extract(NEW.last_error, '$.message')
+                               ELSE 'dependency job ' || NEW.id || ' (' || NEW.task || ') ended '
+                                    || NEW.state END))
+     WHERE state = 'waiting'
+       AND id IN (SELECT job_id FROM conveyor_job_deps WHERE depends_on = NEW.id);
+END;
+
+-- A deleted job takes its history and its dependency edges with it, and cancels the jobs still
+-- waiting for it.
+CREATE TRIGGER conveyor_jobs_deleted AFTER DELETE ON conveyor_jobs
+FOR EACH ROW
+BEGIN
+    DELETE FROM conveyor_job_events WHERE job_id = OLD.id;
+    DELETE FROM conveyor_job_deps WHERE job_id = OLD.id;
+    UPDATE conveyor_jobs
+       SET state = 'cancelled', finished_at = ((julianday('now') - 2440587.5) * 86400.0),
+           last_error = json_object(
+               'attempt', attempt, 'at', strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now'),
+               'kind', 'dependency',
+               'message', 'dependency job ' || OLD.id || ' (' || OLD.task || ') was deleted'),
+           errors = json_insert(errors, '$[#]', json_object(
+               'attempt', attempt, 'at', strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now'),
+               'kind', 'dependency',
+               'message', 'dependency job ' || OLD.id || ' (' || OLD.task || ') was deleted'))
+     WHERE state = 'waiting'
+       AND id IN (SELECT job_id FROM conveyor_job_deps WHERE depends_on = OLD.id);
+END;
+
+-- Maintenance that one worker of the fleet runs per interval (the pruner): who last ran it, when.
+CREATE TABLE conveyor_leader (
+    name        TEXT PRIMARY KEY,
+    holder      TEXT NOT NULL,
+    started_at  REAL NOT NULL
 );

@@ -1,0 +1,146 @@
+"""The pruner: deletes finished jobs (with their history) and old history past their retention.
+
+Only one process of the fleet prunes at a time: on PostgreSQL ``run_once`` holds a session
+advisory lock (a second pruner skips its run); on SQLite the single writer lock serializes every
+batch. The worker calls :meth:`Pruner.run_if_due`, which first claims the run for the interval in
+the ``conveyor_leader`` table, so one worker of the fleet prunes per interval.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from ..backends.base import Backend
+from ..errors import ConfigurationError
+from ..job import JobState
+
+logger = logging.getLogger("conveyor.pruner")
+
+DAY = 86_400.0
+#: Rows deleted per statement; each statement is its own short transaction.
+DEFAULT_BATCH_SIZE = 1000
+LEADER_NAME = "prune"
+
+Age = float | timedelta | None
+
+
+def _seconds(name: str, value: Age) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigurationError(
+            f"retention {name}={value!r} must be a positive number of seconds, a timedelta, "
+            "or None (keep for ever)"
+        )
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How long finished jobs and history are kept, in seconds (or a timedelta); None keeps them
+    for ever. A job's age counts from its ``finished_at``; an event's from its ``at``. Deleting a
+    job deletes its events; ``events`` also trims the history of jobs still kept.
+
+    Defaults: succeeded and cancelled jobs 7 days; dead jobs (the dead-letter queue, which someone
+    may still want to inspect and retry) 30 days; events 30 days.
+    """
+
+    succeeded: Age = 7 * DAY
+    cancelled: Age = 7 * DAY
+    dead: Age = 30 * DAY
+    events: Age = 30 * DAY
+
+    def __post_init__(self) -> None:
+        for name in ("succeeded", "cancelled", "dead", "events"):
+            object.__setattr__(self, name, _seconds(name, getattr(self, name)))
+
+    def for_state(self, state: JobState) -> float | None:
+        """Seconds a finished job in ``state`` is kept, or None (for ever)."""
+        return _seconds(state.value, getattr(self, state.value))
+
+    @property
+    def events_age(self) -> float | None:
+        """Seconds an event is kept, or None (for ever)."""
+        return _seconds("events", self.events)
+
+
+@dataclass
+class PruneResult:
+    """What one run deleted: jobs per state, events (besides those deleted with their job)."""
+
+    jobs: dict[str, int] = field(default_factory=dict)
+    events: int = 0
+    statements: int = 0
+    #: True when another process held the prune lock, so this run did nothing.
+    skipped: bool = False
+
+    @property
+    def total_jobs(self) -> int:
+        return sum(self.jobs.values())
+
+
+class Pruner:
+    """Deletes what ``retention`` no longer keeps, ``batch_size`` rows per statement."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        retention: Retention | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigurationError(f"batch_size must be a positive integer, not {batch_size!r}")
+        self.backend = backend
+        self.retention = retention or Retention()
+        self.batch_size = batch_size
+
+    def run_once(self, now: datetime | None = None) -> PruneResult:
+        """One full pass at ``now`` (default: the database clock): every finished job past its
+        state's retention, then every event past the events retention."""
+        with self.backend.maintenance_lock(LEADER_NAME) as held:
+            if not held:
+                logger.info("prune skipped: another process is pruning")
+                return PruneResult(skipped=True)
+            result = PruneResult()
+            for state in (JobState.SUCCEEDED, JobState.CANCELLED, JobState.DEAD):
+                age = self.retention.for_state(state)
+                if age is not None:
+                    prune = self._jobs_of(state, age, now)
+                    result.jobs[state.value] = self._batches(prune, result)
+            events_age = self.retention.events_age
+            if events_age is not None:
+                result.events = self._batches(
+                    lambda: self.backend.event_prune(events_age, self.batch_size, now), result
+                )
+        if result.total_jobs or result.events:
+            logger.info(
+                "pruned %s jobs %s and %d events", result.total_jobs, result.jobs, result.events
+            )
+        return result
+
+    def run_if_due(
+        self, holder: str, interval: float, now: datetime | None = None
+    ) -> PruneResult | None:
+        """Run once if no process of the fleet has in the last ``interval`` seconds (claimed in the
+        database); None when another one has."""
+        if not self.backend.leader_claim(LEADER_NAME, holder, interval, now):
+            return None
+        return self.run_once(now)
+
+    def _jobs_of(self, state: JobState, age: float, now: datetime | None) -> Callable[[], int]:
+        return lambda: self.backend.job_prune(state, age, self.batch_size, now)
+
+    def _batches(self, prune: Callable[[], int], result: PruneResult) -> int:
+        """Run ``prune`` until a statement deletes less than a full batch; the rows deleted."""
+        total = 0
+        while True:
+            deleted = prune()
+            result.statements += 1
+            total += deleted
+            if deleted < self.batch_size:
+                return total
