@@ -36,6 +36,9 @@ if TYPE_CHECKING:
     from .app import Conveyor, Task
 
 logger = logging.getLogger("conveyor.worker")
+#: Idle polling where the backend cannot push (SQLite across processes): from 1 ms, growing, to 50 ms.
+IDLE_POLL_MIN = 0.001
+IDLE_POLL_MAX = 0.05
 T = TypeVar("T")
 
 
@@ -111,12 +114,21 @@ class Worker:
         self._attempts: dict[int, _Attempt] = {}
         self._outbox: list[Outcome] = []
         self._stopping = False
+        self._pushed = False
+        self._idle_delay = IDLE_POLL_MIN
+        self._claim_min = max(1, min(concurrency, batch_size) // 4)
         self._db_pool = ThreadPoolExecutor(4, thread_name_prefix="conveyor-db")
         self._task_pool = ThreadPoolExecutor(concurrency, thread_name_prefix="conveyor-task")
 
     @property
     def outcome_counts(self) -> Counter[str]:
         return self.stats.outcomes
+
+    @property
+    def push_wakeups(self) -> bool:
+        """True while the backend pushes due jobs to this worker (PostgreSQL LISTEN/NOTIFY);
+        False when it polls (SQLite: from 1 ms, backing off to 50 ms while idle)."""
+        return self._pushed
 
     @property
     def running_job_ids(self) -> list[int]:
@@ -143,11 +155,22 @@ class Worker:
             # Check a few times per interval; the database lets one worker per interval prune.
             check = self.prune_interval / 4
             services.append(asyncio.create_task(self._every(check, self._prune_once)))
+        # Idle workers wake on a push where the backend has one (LISTEN/NOTIFY), else poll.
+        stop_push = (
+            None
+            if until_idle
+            else await self._db(
+                backend.watch_due, self.queues, self._wake_threadsafe, self._wake_threadsafe
+            )
+        )
+        self._pushed = stop_push is not None
         try:
             await self._fetch_loop(until_idle)
             await self._finish_running()
         finally:
             remove_wake()
+            if stop_push is not None:
+                await self._quietly(stop_push)
             for service in services:
                 service.cancel()
             await asyncio.gather(*services, return_exceptions=True)
@@ -188,13 +211,32 @@ class Worker:
         self._wake.clear()
 
     # -- claiming -------------------------------------------------------------------------------
+    def _idle_wait(self, claimed_any: bool) -> float:
+        """How long to sleep after a claim found nothing: the poll interval when pushes wake us,
+        else a short interval that grows while idle (1 ms, x1.5, up to IDLE_POLL_MAX)."""
+        if self._pushed:
+            return self.poll_interval
+        self._idle_delay = (
+            IDLE_POLL_MIN
+            if claimed_any
+            else min(self._idle_delay * 1.5, IDLE_POLL_MAX, self.poll_interval)
+        )
+        return self._idle_delay
+
     async def _fetch_loop(self, until_idle: bool) -> None:
         failures = 0
+        claimed_any = True
+        batching = False
         while not self._stopping:
             free = self.concurrency - len(self._attempts)
             if free <= 0:
                 await self._wait_wake(self.poll_interval)
                 continue
+            if self._attempts and free < self._claim_min and not batching and not until_idle:
+                batching = True  # let a few more slots free up: one bigger claim, not many small
+                await asyncio.sleep(self.batch_window)
+                continue
+            batching = False
             if until_idle:
                 await self._flush()
             try:
@@ -210,10 +252,12 @@ class Worker:
             for job in jobs:
                 self._start(job)
             if jobs:
+                claimed_any = True
                 continue
             if until_idle and not self._attempts and not self._outbox:
                 return
-            await self._wait_wake(self.poll_interval)
+            await self._wait_wake(self._idle_wait(claimed_any))
+            claimed_any = False
 
     def _start(self, job: Job) -> None:
         self.stats.claimed += 1

@@ -261,6 +261,15 @@ class Backend(abc.ABC):
         cannot push (SQLite), so callers poll."""
         return None
 
+    def watch_due(
+        self, queues: Sequence[str], on_due: Callable[[], None], on_gap: Callable[[], None]
+    ) -> Callable[[], None] | None:
+        """Push, if this backend can: call ``on_due()`` (from another thread) soon after jobs in
+        one of ``queues`` become due now in any process (inserted, retried, released), and
+        ``on_gap()`` when notifications may have been missed. Returns a function that stops it,
+        or None when the backend cannot push across processes (SQLite), so workers poll."""
+        return None
+
     # -- history and retention ------------------------------------------------------------------
     @abc.abstractmethod
     def job_events(self, job_id: int) -> list[JobEvent]:

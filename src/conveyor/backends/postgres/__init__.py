@@ -326,9 +326,16 @@ class PostgresBackend(Backend):
     def watch_finished(
         self, on_finished: Callable[[Iterable[int]], None], on_gap: Callable[[], None]
     ) -> Callable[[], None] | None:
-        from .listener import FinishedListener
+        from .listener import finished_listener
 
-        return FinishedListener(self.url, on_finished, on_gap).start()
+        return finished_listener(self.url, on_finished, on_gap).start()
+
+    def watch_due(
+        self, queues: Sequence[str], on_due: Callable[[], None], on_gap: Callable[[], None]
+    ) -> Callable[[], None] | None:
+        from .listener import due_listener
+
+        return due_listener(self.url, queues, on_due, on_gap).start()
 
     # -- history and retention ------------------------------------------------------------------
     def job_events(self, job_id: int) -> list[JobEvent]:

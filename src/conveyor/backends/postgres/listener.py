@@ -1,9 +1,11 @@
-"""LISTEN for finished jobs: one thread and one dedicated connection per app.
+"""LISTEN/NOTIFY subscriptions: one thread and one dedicated connection per subscription.
 
 The triggers send ``pg_notify('conveyor_job_state', '12,13,...')`` when jobs reach a terminal
-state; this thread hands the ids to a callback. When the connection drops it reports a gap (the
-waiters then look for themselves), reconnects with backoff, and reports a gap again once it
-listens, since notifications sent meanwhile are lost.
+state (for result waiters) and ``pg_notify('conveyor_job_due', queue)`` when jobs become due now
+(for idle workers). A listener hands each payload to a callback. When its connection drops it
+reports a gap (subscribers then look for themselves), reconnects with backoff, and reports a gap
+again once it listens, since notifications sent meanwhile are lost: notifications cost latency
+when lost, never correctness, because every subscriber also polls.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any
 logger = logging.getLogger("conveyor.listener")
 
 CHANNEL = "conveyor_job_state"
+#: Notified with a queue name when jobs in it become due now (inserted, retried, released).
+DUE_CHANNEL = "conveyor_job_due"
 #: The listener connection's name in pg_stat_activity.
 APPLICATION_NAME = "conveyor-listener"
 #: How long ``start`` waits for the first LISTEN before returning (waiters poll meanwhile).
@@ -33,15 +37,20 @@ def parse_ids(payload: str) -> list[int]:
     return out
 
 
-class FinishedListener:
+class Listener:
+    """LISTEN on one channel in a thread with its own connection; ``on_notify(payload)`` for each
+    notification, ``on_gap()`` whenever notifications may have been missed."""
+
     def __init__(
         self,
         url: str,
-        on_finished: Callable[[Iterable[int]], None],
+        channel: str,
+        on_notify: Callable[[str], None],
         on_gap: Callable[[], None],
     ) -> None:
         self.url = url
-        self.on_finished = on_finished
+        self.channel = channel
+        self.on_notify = on_notify
         self.on_gap = on_gap
         self.listening = threading.Event()
         self._stop = threading.Event()
@@ -50,7 +59,7 @@ class FinishedListener:
     def start(self) -> Callable[[], None]:
         self._thread.start()
         if not self.listening.wait(START_TIMEOUT):
-            logger.warning("not listening for finished jobs yet; result waiters poll meanwhile")
+            logger.warning("not listening on %s yet; polling meanwhile", self.channel)
         return self.stop
 
     def stop(self) -> None:
@@ -67,7 +76,7 @@ class FinishedListener:
                 with psycopg.connect(
                     self.url, autocommit=True, connect_timeout=5, application_name=APPLICATION_NAME
                 ) as conn:
-                    conn.execute(f"LISTEN {CHANNEL}")
+                    conn.execute(f"LISTEN {self.channel}")
                     self.listening.set()
                     if not first:
                         self.on_gap()  # notifications sent while reconnecting are lost
@@ -84,9 +93,36 @@ class FinishedListener:
     def _receive(self, conn: Any) -> None:
         while not self._stop.is_set():
             for notify in conn.notifies(timeout=_WAKE_EVERY):
-                ids = parse_ids(notify.payload)
-                if ids:
-                    try:
-                        self.on_finished(ids)
-                    except Exception:  # a waiter's bug must not stop the listener
-                        logger.exception("waking the waiters of jobs %s failed", ids)
+                try:
+                    self.on_notify(notify.payload)
+                except Exception:  # a subscriber's bug must not stop the listener
+                    logger.exception(
+                        "handling %s notification %r failed", self.channel, notify.payload
+                    )
+
+
+def finished_listener(
+    url: str, on_finished: Callable[[Iterable[int]], None], on_gap: Callable[[], None]
+) -> Listener:
+    """Job ids reaching a terminal state (``conveyor_job_state``), for result waiters."""
+
+    def on_notify(payload: str) -> None:
+        ids = parse_ids(payload)
+        if ids:
+            on_finished(ids)
+
+    return Listener(url, CHANNEL, on_notify, on_gap)
+
+
+def due_listener(
+    url: str, queues: Iterable[str], on_due: Callable[[], None], on_gap: Callable[[], None]
+) -> Listener:
+    """Queues that just got due jobs (``conveyor_job_due``, payload: the queue name), for idle
+    workers: wakes them when one of ``queues`` is named."""
+    wanted = frozenset(queues)
+
+    def on_notify(payload: str) -> None:
+        if payload in wanted:
+            on_due()
+
+    return Listener(url, DUE_CHANNEL, on_notify, on_gap)

@@ -355,6 +355,10 @@ class SQLiteBackend(Backend):
         if limit <= 0 or not queues:
             return []
         qjson = json.dumps(list(queues))
+        with self._connection() as conn:
+            # A read first: an idle poll must not take the write lock that enqueuers need.
+            if not self._retry_busy(lambda: self._any_due(conn, qjson, queues)):
+                return []
 
         def claim(conn: sqlite3.Connection) -> list[sqlite3.Row]:
             limited = [r[0] for r in conn.execute(QUERIES["limited_queues"], {"queues": qjson})]
@@ -380,6 +384,11 @@ class SQLiteBackend(Backend):
         jobs = [_job(r) for r in self._write(claim)]
         jobs.sort(key=lambda j: (-j.priority, j.run_at, j.id))
         return jobs
+
+    @classmethod
+    def _any_due(cls, conn: sqlite3.Connection, qjson: str, queues: Sequence[str]) -> bool:
+        """Is any claimable job due in ``queues``? (Index probes only.)"""
+        return cls._limited_due(conn, qjson, list(queues))
 
     @staticmethod
     def _limited_due(conn: sqlite3.Connection, qjson: str, limited: list[str]) -> bool:

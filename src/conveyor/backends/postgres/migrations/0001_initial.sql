@@ -297,6 +297,15 @@ BEGIN
 END
 $fn$;
 
+-- Wake idle workers (LISTEN conveyor_job_due): one notification per queue that got jobs due now.
+-- NOTIFY folds identical payloads within a transaction, so a bulk insert sends one per queue.
+CREATE FUNCTION conveyor_notify_due(_queues text[]) RETURNS void
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    PERFORM pg_notify('conveyor_job_due', q) FROM (SELECT DISTINCT unnest(_queues) AS q) s;
+END
+$fn$;
+
 -- Statement-level triggers over transition tables: a bulk insert or a batched finish writes its
 -- history in one INSERT ... SELECT.
 CREATE FUNCTION conveyor_jobs_after_insert() RETURNS trigger
@@ -308,6 +317,8 @@ BEGIN
      ORDER BY n.id;
     PERFORM conveyor_notify_finished(ARRAY(
         SELECT n.id FROM new_rows n WHERE n.state IN ('succeeded', 'dead', 'cancelled')));
+    PERFORM conveyor_notify_due(ARRAY(
+        SELECT n.queue FROM new_rows n WHERE n.state = 'queued' AND n.run_at <= now()));
     RETURN NULL;
 END
 $fn$;
@@ -333,6 +344,9 @@ BEGIN
       FROM new_rows n JOIN old_rows o ON o.id = n.id
      WHERE n.state <> o.state OR n.attempt <> o.attempt
      ORDER BY n.id;
+    PERFORM conveyor_notify_due(ARRAY(
+        SELECT n.queue FROM new_rows n JOIN old_rows o ON o.id = n.id
+         WHERE n.state IN ('queued', 'retrying') AND n.state <> o.state AND n.run_at <= now()));
     SELECT array_agg(n.id ORDER BY n.id) FILTER (WHERE n.state = 'succeeded'),
            array_agg(n.id ORDER BY n.id) FILTER (WHERE n.state <> 'succeeded'),
            array_agg(CASE WHEN n.last_error->>'kind' = 'dependency' THEN n.last_error->>'message'
