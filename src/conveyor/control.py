@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextvars
 import math
-import threading
-from dataclasses import dataclass, field
 
 from .errors import ConfigurationError
 from .job import Job
@@ -32,22 +30,33 @@ class Cancel(Exception):
         self.reason = reason
 
 
-@dataclass
 class JobContext:
     """The running attempt, as seen from inside a task (``conveyor.current_job()``)."""
 
-    job: Job
-    worker_id: str
-    _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
+    __slots__ = ("_cancelled", "job", "worker_id")
+
+    def __init__(self, job: Job, worker_id: str) -> None:
+        self.job = job
+        self.worker_id = worker_id
+        self._cancelled = False  # set once by the worker's loop; read by the task's thread
+
+    def __repr__(self) -> str:
+        return (
+            f"JobContext(job={self.job.id}, attempt={self.job.attempt}, worker={self.worker_id!r})"
+        )
 
     @property
     def cancel_requested(self) -> bool:
         """True once cancellation was requested (or the attempt was abandoned). Sync tasks poll
         this; async tasks are cancelled directly."""
-        return self._cancel.is_set()
+        return self._cancelled
+
+    def request_cancel(self) -> None:
+        """Called by the worker; a task raises Cancel itself (``raise_if_cancelled``)."""
+        self._cancelled = True
 
     def raise_if_cancelled(self) -> None:
-        if self._cancel.is_set():
+        if self._cancelled:
             raise Cancel("cancelled by request")
 
 

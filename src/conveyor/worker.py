@@ -293,8 +293,7 @@ class Worker:
         attempt.is_async = task.is_async
         inner = self._spawn(task, attempt)
         attempt.inner = inner
-        done, _ = await asyncio.wait({inner}, timeout=job.timeout)
-        if not done:
+        if not await self._finished_in_time(inner, job.timeout):
             self._interrupt(attempt)
             return self._failure(
                 attempt, "timeout", f"job {job.id} exceeded its {job.timeout:g} s timeout", task
@@ -302,6 +301,23 @@ class Worker:
         if attempt.abandoned:
             return None
         return self._classify(attempt, inner, task)
+
+    @staticmethod
+    async def _finished_in_time(inner: asyncio.Future[Any], timeout: float | None) -> bool:
+        """Wait for the task; False if ``timeout`` ran out first. The task's own exception or
+        cancellation is left in ``inner`` for classification."""
+        if timeout is not None:
+            done, _ = await asyncio.wait({inner}, timeout=timeout)
+            return bool(done)
+        try:
+            await inner
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # this runner itself is being cancelled (shutdown), not just the task
+        except BaseException:
+            pass
+        return True
 
     def _spawn(self, task: Task[Any, Any], attempt: _Attempt) -> asyncio.Future[Any]:
         job = attempt.job
@@ -362,7 +378,7 @@ class Worker:
 
     def _interrupt(self, attempt: _Attempt) -> None:
         """Tell the task to stop: async tasks are cancelled, sync tasks see the flag."""
-        attempt.ctx._cancel.set()
+        attempt.ctx.request_cancel()
         if attempt.is_async and attempt.inner is not None:
             attempt.inner.cancel()
 
