@@ -22,6 +22,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Backoff",
+    "Batch",
+    "BatchNotFoundError",
     "BoundTask",
     "Cancel",
     "ConfigurationError",
@@ -37,6 +39,11 @@ __all__ = [
     "JobFailedError",
     "JobNotFoundError",
     "JobState",
+    "Pipeline",
+    "PipelineDefinition",
+    "PipelineFailedError",
+    "PipelineNotFoundError",
+    "PipelineState",
     "PruneResult",
     "Pruner",
     "Retention",

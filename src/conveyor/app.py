@@ -12,18 +12,35 @@ from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from . import serialization
 from .backends.base import Backend, NewJob, QueueStats, open_backend
+from .backends.flows import FlowStore, batch_key, flow_store, pipeline_key
 from .backends.migrate import check_version
 from .errors import ConfigurationError, UnknownTaskError
 from .job import Job, JobEvent
 from .options import DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Options, check_queue_name, check_task_name
-from .results import DEFAULT_PUSH_POLL_INTERVAL, JobWaiter, outcome
+from .pipelines import (
+    Batch,
+    Pipeline,
+    PipelineDefinition,
+    PipelineFailedError,
+    PipelineState,
+    Step,
+    batch_moved,
+    check_entity,
+    make_step,
+    pipeline_moved,
+    spec_from_request,
+)
+from .results import DEFAULT_PUSH_POLL_INTERVAL, JobWaiter, Watcher, outcome
 from .services.pruner import Retention
 from .states import Backoff, BackoffPolicy
 
 P = ParamSpec("P")
 R = TypeVar("R")
+FlowRecord = TypeVar("FlowRecord", "Pipeline", "Batch")
 
 DEFAULT_URL = "sqlite:///conveyor.db"
+#: How often each worker checks running pipelines' step deadlines (services/watchdog.py).
+DEFAULT_WATCHDOG_INTERVAL = 2.0
 ENV_URL = "CONVEYOR_DATABASE_URL"
 
 
@@ -71,6 +88,20 @@ class Task(Generic[P, R]):
     def request(self, *args: P.args, **kwargs: P.kwargs) -> EnqueueRequest:
         return EnqueueRequest(self.name, args, kwargs, self.defaults)
 
+    def step(
+        self,
+        *,
+        name: str | None = None,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> Step:
+        """This task as a pipeline step (``app.pipeline(name, [a.step(), b.step(deadline=120)])``)
+        with its own options (queue, max_attempts, timeout, ``deadline`` for the whole step, ...).
+        Step 1 is called with the pipeline's start arguments, each later step with the previous
+        step's result; then ``args``, and ``kwargs``. ``name`` defaults to the function's name."""
+        return make_step(self, name, args, kwargs, options)
+
     def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> Job:
         """Enqueue one job and return it. ``connection=`` (a keyword reserved by Conveyor) enqueues
         inside the caller's open transaction on that sqlite3/psycopg connection."""
@@ -114,7 +145,17 @@ class Conveyor:
         *,
         max_payload_bytes: int = serialization.DEFAULT_MAX_PAYLOAD_BYTES,
         retention: Retention | None = None,
+        watchdog_interval: float | None = DEFAULT_WATCHDOG_INTERVAL,
     ) -> None:
+        if watchdog_interval is not None and not (
+            isinstance(watchdog_interval, int | float)
+            and not isinstance(watchdog_interval, bool)
+            and watchdog_interval > 0
+        ):
+            raise ConfigurationError(
+                f"watchdog_interval must be a number of seconds > 0 or None, "
+                f"not {watchdog_interval!r}"
+            )
         if retention is not None and not isinstance(retention, Retention):
             raise ConfigurationError(
                 f"retention must be a conveyor.Retention, not {type(retention).__name__}"
@@ -124,7 +165,11 @@ class Conveyor:
         self.retention = retention or Retention()
         #: While waiting for results on PostgreSQL (which pushes), re-read the job this often.
         self.result_poll_interval = DEFAULT_PUSH_POLL_INTERVAL
+        #: How often each worker checks running pipelines' step deadlines; None: never.
+        self.watchdog_interval = watchdog_interval
         self._waiter = JobWaiter(self)
+        self._flow_waiter: Watcher[str] = Watcher(self, lambda: self.flows.watch_flows)
+        self._flows: FlowStore | None = None
         self.tasks: dict[str, Task[Any, Any]] = {}
         self.queues: dict[str, int | None] = {}
         self._backend: Backend | None = None
@@ -155,9 +200,20 @@ class Conveyor:
         self._schema_checked = False
         return applied
 
+    @property
+    def flows(self) -> FlowStore:
+        """The backend's pipelines and batches (see backends/flows.py)."""
+        backend = self.backend
+        with self._lock:
+            if self._flows is None:
+                self._flows = flow_store(backend)
+            return self._flows
+
     def close(self) -> None:
         self._waiter.close()
+        self._flow_waiter.close()
         with self._lock:
+            self._flows = None
             if self._backend is not None:
                 self._backend.close()
                 self._backend = None
@@ -244,9 +300,12 @@ class Conveyor:
         """Enqueue many jobs in one transaction and one round trip; one Job per request, in order."""
         new_jobs = [self._new_job(r, i) for i, r in enumerate(requests)]
         jobs = self._bind(self.backend.job_insert_many(new_jobs, connection=connection))
+        self._wake_workers()
+        return jobs
+
+    def _wake_workers(self) -> None:
         for callback in list(self._wake_callbacks):
             callback()
-        return jobs
 
     async def enqueue_many_async(
         self, requests: Iterable[EnqueueRequest], connection: Any = None
@@ -334,6 +393,193 @@ class Conveyor:
     def stats(self) -> list[QueueStats]:
         return self.backend.stats()
 
+    # -- pipelines ------------------------------------------------------------------------------
+    def pipeline(self, name: str, steps: Sequence[Step | Task[Any, Any]]) -> PipelineDefinition:
+        """Define a pipeline: ordered steps (``task.step(**options)``, or a task as it is), run one
+        job at a time. ``definition.start(entity=..., args=[...])`` starts a run. See
+        docs/pipelines.md."""
+        return PipelineDefinition(self, name, steps)
+
+    def start_pipeline(
+        self,
+        definition: PipelineDefinition,
+        *,
+        entity: str | None = None,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Pipeline:
+        """Start a run of ``definition`` (what ``definition.start(...)`` calls)."""
+        if isinstance(args, str | bytes) or not isinstance(args, list | tuple):
+            raise ConfigurationError(f"args must be a list, not {type(args).__name__}")
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise ConfigurationError(f"kwargs must be a dict, not {type(kwargs).__name__}")
+        limit = self.max_payload_bytes
+        pipeline = self.flows.pipeline_start(
+            definition.name,
+            check_entity(entity),
+            [step.spec for step in definition.steps],
+            serialization.dumps(list(args), "args", limit),
+            serialization.dumps(kwargs or {}, "kwargs", limit),
+        )
+        self._wake_workers()
+        return self._bind_flow(pipeline)
+
+    def get_pipeline(self, pipeline_id: int) -> Pipeline:
+        return self._bind_flow(self.flows.pipeline_get(pipeline_id))
+
+    def list_pipelines(
+        self,
+        state: str | None = None,
+        name: str | None = None,
+        entity: str | None = None,
+        limit: int = 100,
+    ) -> list[Pipeline]:
+        """Pipelines matching the filters, newest first."""
+        found = self.flows.pipeline_list(state=state, name=name, entity=entity, limit=limit)
+        return [self._bind_flow(p) for p in found]
+
+    def pipeline_jobs(self, pipeline_id: int) -> list[Job]:
+        """The jobs of the pipeline's steps so far, in order."""
+        return self._bind(self.flows.pipeline_jobs(pipeline_id))
+
+    def cancel_pipeline(self, pipeline_id: int, reason: str = "cancelled by request") -> Pipeline:
+        """Cancel a running pipeline and its current step's job (a running job is asked to stop,
+        like ``cancel_job``); no later step runs. A finished pipeline is returned unchanged."""
+        return self._bind_flow(self.flows.pipeline_cancel(pipeline_id, reason))
+
+    def pipeline_result(self, pipeline_id: int, timeout: float | None = None) -> Any:
+        """Wait (at most ``timeout`` s; None: for ever) for the pipeline to finish; the last
+        step's result. PipelineFailedError if it failed or was cancelled, TimeoutError."""
+        return _pipeline_outcome(self._wait_pipeline(pipeline_id, timeout, None))
+
+    async def pipeline_result_async(self, pipeline_id: int, timeout: float | None = None) -> Any:
+        return _pipeline_outcome(await self._wait_pipeline_async(pipeline_id, timeout, None))
+
+    def wait_pipeline_change(self, since: Pipeline, timeout: float | None = None) -> Pipeline:
+        """Wait until the pipeline moved on from the snapshot ``since`` (another step, or
+        finished); the new snapshot. TimeoutError if it did not within ``timeout`` seconds."""
+        return self._wait_pipeline(since.id, timeout, since)
+
+    async def wait_pipeline_change_async(
+        self, since: Pipeline, timeout: float | None = None
+    ) -> Pipeline:
+        return await self._wait_pipeline_async(since.id, timeout, since)
+
+    def _pipeline_waiting(
+        self, pipeline_id: int, timeout: float | None, since: Pipeline | None
+    ) -> tuple[Callable[[], Pipeline], Callable[[Pipeline], bool], Callable[[Pipeline], Exception]]:
+        def ready(now: Pipeline) -> bool:
+            return now.state.terminal if since is None else pipeline_moved(since, now)
+
+        def timed_out(now: Pipeline) -> Exception:
+            return TimeoutError(
+                f"pipeline {now.id} ({now.name}) is still {now.state.value} at step {now.step} "
+                f"after {timeout:g} s"
+            )
+
+        return (lambda: self.flows.pipeline_get(pipeline_id)), ready, timed_out
+
+    def _wait_pipeline(
+        self, pipeline_id: int, timeout: float | None, since: Pipeline | None
+    ) -> Pipeline:
+        read, ready, timed_out = self._pipeline_waiting(pipeline_id, timeout, since)
+        key = pipeline_key(pipeline_id)
+        return self._bind_flow(self._flow_waiter.until(key, read, ready, timeout, timed_out))
+
+    async def _wait_pipeline_async(
+        self, pipeline_id: int, timeout: float | None, since: Pipeline | None
+    ) -> Pipeline:
+        read, ready, timed_out = self._pipeline_waiting(pipeline_id, timeout, since)
+        key = pipeline_key(pipeline_id)
+        found = await self._flow_waiter.until_async(key, read, ready, timeout, timed_out)
+        return self._bind_flow(found)
+
+    # -- batches --------------------------------------------------------------------------------
+    def batch(
+        self, requests: Iterable[EnqueueRequest], on_complete: EnqueueRequest | None = None
+    ) -> Batch:
+        """Enqueue jobs as one batch (one transaction). When the last of them finished,
+        ``on_complete`` (``task.request(*args, **kwargs)``) is enqueued exactly once, called with
+        ``{"batch_id", "total", "succeeded", "failed"}`` first, then its own arguments. Batch jobs
+        cannot have a unique_key or idempotency_key (a job returned for a duplicate would belong
+        to another batch)."""
+        new_jobs = [self._new_job(r, i) for i, r in enumerate(requests)]
+        for i, job in enumerate(new_jobs):
+            if job.unique_key is not None or job.idempotency_key is not None:
+                raise ConfigurationError(
+                    f"batch item {i} ({job.task}) has a unique_key or idempotency_key: batch jobs "
+                    "cannot be deduplicated (the existing job would belong to another batch)"
+                )
+        spec = (
+            None
+            if on_complete is None
+            else spec_from_request(on_complete, "on_complete", self.max_payload_bytes)
+        )
+        batch = self.flows.batch_create(new_jobs, spec)
+        self._wake_workers()
+        return self._bind_flow(batch)
+
+    async def batch_async(
+        self, requests: Iterable[EnqueueRequest], on_complete: EnqueueRequest | None = None
+    ) -> Batch:
+        return await asyncio.to_thread(self.batch, list(requests), on_complete)
+
+    def get_batch(self, batch_id: int) -> Batch:
+        return self._bind_flow(self.flows.batch_get(batch_id))
+
+    def batch_jobs(self, batch_id: int) -> list[Job]:
+        """The batch's jobs, in order."""
+        return self._bind(self.flows.batch_jobs(batch_id))
+
+    def batch_result(self, batch_id: int, timeout: float | None = None) -> Batch:
+        """Wait (at most ``timeout`` s; None: for ever) until every job of the batch finished;
+        the completed batch. TimeoutError if the time ran out first."""
+        return self._wait_batch(batch_id, timeout, None)
+
+    async def batch_result_async(self, batch_id: int, timeout: float | None = None) -> Batch:
+        return await self._wait_batch_async(batch_id, timeout, None)
+
+    def wait_batch_change(self, since: Batch, timeout: float | None = None) -> Batch:
+        """Wait until a job of the batch finished (or it completed) since the snapshot
+        ``since``; the new snapshot. TimeoutError if none did within ``timeout`` seconds."""
+        return self._wait_batch(since.id, timeout, since)
+
+    async def wait_batch_change_async(self, since: Batch, timeout: float | None = None) -> Batch:
+        return await self._wait_batch_async(since.id, timeout, since)
+
+    def _batch_waiting(
+        self, batch_id: int, timeout: float | None, since: Batch | None
+    ) -> tuple[Callable[[], Batch], Callable[[Batch], bool], Callable[[Batch], Exception]]:
+        def ready(now: Batch) -> bool:
+            return now.complete if since is None else batch_moved(since, now)
+
+        def timed_out(now: Batch) -> Exception:
+            return TimeoutError(
+                f"batch {now.id} still has {now.pending} of {now.total} jobs pending "
+                f"after {timeout:g} s"
+            )
+
+        return (lambda: self.flows.batch_get(batch_id)), ready, timed_out
+
+    def _wait_batch(self, batch_id: int, timeout: float | None, since: Batch | None) -> Batch:
+        read, ready, timed_out = self._batch_waiting(batch_id, timeout, since)
+        key = batch_key(batch_id)
+        return self._bind_flow(self._flow_waiter.until(key, read, ready, timeout, timed_out))
+
+    async def _wait_batch_async(
+        self, batch_id: int, timeout: float | None, since: Batch | None
+    ) -> Batch:
+        read, ready, timed_out = self._batch_waiting(batch_id, timeout, since)
+        found = await self._flow_waiter.until_async(
+            batch_key(batch_id), read, ready, timeout, timed_out
+        )
+        return self._bind_flow(found)
+
+    def _bind_flow(self, record: FlowRecord) -> FlowRecord:
+        """Let this snapshot wait for itself and act through this app (like ``_bind``)."""
+        object.__setattr__(record, "_app", self)
+        return record
+
     # -- users' tests ---------------------------------------------------------------------------
     def drain(self, queues: Sequence[str] | None = None, **worker_options: Any) -> dict[str, int]:
         """Work off every due job in ``queues`` (default: all this app's queues) in this process,
@@ -354,3 +600,9 @@ class Conveyor:
         """The queues this app's tasks and declarations name (plus ``default``)."""
         names = {DEFAULT_QUEUE, *self.queues, *(t.queue for t in self.tasks.values())}
         return sorted(names)
+
+
+def _pipeline_outcome(pipeline: Pipeline) -> Any:
+    if pipeline.state == PipelineState.SUCCEEDED:
+        return pipeline.return_value
+    raise PipelineFailedError(pipeline)

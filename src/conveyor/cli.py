@@ -1,4 +1,4 @@
-"""The ``conveyor`` command: migrate, worker, enqueue, stats, jobs, prune, demo.
+"""The ``conveyor`` command: migrate, worker, enqueue, stats, jobs, pipelines, prune, demo.
 
 Conveyor's own errors (bad URL, unreachable server, schema not migrated or too new, bad input)
 print as one line on stderr and exit 1; anything else is a bug and keeps its traceback.
@@ -23,6 +23,7 @@ from rich.table import Table
 from .app import Conveyor
 from .errors import ConfigurationError, ConveyorError
 from .job import Job, JobEvent, JobState
+from .pipelines import Pipeline, PipelineState
 from .services.pruner import Pruner
 from .worker import Worker
 
@@ -414,6 +415,141 @@ def jobs_cancel(database: str | None, app_spec: str | None, job_id: int) -> None
     job = resolve_app(database, app_spec).cancel_job(job_id)
     extra = " (cancellation requested from its worker)" if job.cancel_requested else ""
     click.echo(f"job {job.id} {job.state}{extra}")
+
+
+@main.group()
+def pipelines() -> None:
+    """Where each pipeline is: its current step, since when, and its state."""
+
+
+@pipelines.command("list")
+@database_options
+@click.option("--state", type=click.Choice([s.value for s in PipelineState]))
+@click.option("--name", help="Only pipelines of this name.")
+@click.option("--entity", help="Only pipelines about this entity.")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10_000))
+@click.option("--json", "as_json", is_flag=True)
+def pipelines_list(
+    database: str | None,
+    app_spec: str | None,
+    state: str | None,
+    name: str | None,
+    entity: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """List pipelines, newest first, with their current step."""
+    rows = resolve_app(database, app_spec).list_pipelines(
+        state=state, name=name, entity=entity, limit=limit
+    )
+    if as_json:
+        click.echo(json.dumps([pipeline_dict(p) for p in rows], indent=2, default=str))
+        return
+    table = Table()
+    for col in ("id", "name", "entity", "state", "step", "step started", "created", "error"):
+        table.add_column(col)
+    for p in rows:
+        table.add_row(
+            str(p.id),
+            p.name,
+            p.entity or "",
+            p.state.value,
+            f"{p.current_step + 1}/{len(p.steps)} {p.step}",
+            _time(p.step_started_at),
+            _time(p.created_at),
+            (p.error or "")[:60],
+        )
+    console.print(table)
+
+
+def _time(value: Any) -> str:
+    return "-" if value is None else value.isoformat(timespec="seconds")
+
+
+def pipeline_dict(p: Pipeline) -> dict[str, Any]:
+    return {
+        "id": p.id,
+        "name": p.name,
+        "entity": p.entity,
+        "state": p.state.value,
+        "step": p.step,
+        "step_index": p.current_step,
+        "steps": p.step_names,
+        "current_job_id": p.current_job_id,
+        "step_started_at": p.step_started_at,
+        "step_deadline": p.step_deadline,
+        "created_at": p.created_at,
+        "updated_at": p.updated_at,
+        "finished_at": p.finished_at,
+        "result": p.return_value,
+        "error": p.error,
+    }
+
+
+@pipelines.command("show")
+@database_options
+@click.argument("pipeline_id", type=int)
+@click.option("--json", "as_json", is_flag=True)
+def pipelines_show(
+    database: str | None, app_spec: str | None, pipeline_id: int, as_json: bool
+) -> None:
+    """One pipeline: its state, and each step with its job."""
+    app = resolve_app(database, app_spec)
+    pipeline = app.get_pipeline(pipeline_id)
+    jobs = app.pipeline_jobs(pipeline_id)
+    # One job per step that ran, in order, the last one the current step's (old ones may have
+    # been pruned, so align from the end).
+    offset = len(jobs) - 1 - pipeline.current_step
+    steps = []
+    for i, spec in enumerate(pipeline.steps):
+        k = i + offset
+        job = jobs[k] if 0 <= k < len(jobs) and i <= pipeline.current_step else None
+        steps.append(
+            {
+                "step": spec.name or spec.task,
+                "task": spec.task,
+                "queue": spec.queue,
+                "deadline": spec.deadline,
+                "job_id": None if job is None else job.id,
+                "state": None if job is None else job.state.value,
+                "attempt": None if job is None else job.attempt,
+                "snoozes": None if job is None else job.snoozes,
+                "started_at": None if job is None else job.started_at,
+                "finished_at": None if job is None else job.finished_at,
+                "error": None if job is None else job.error,
+            }
+        )
+    data = pipeline_dict(pipeline)
+    if as_json:
+        data["steps"] = steps
+        click.echo(json.dumps(data, indent=2, default=str))
+        return
+    data.pop("steps")
+    for key, value in data.items():
+        click.echo(f"{key:>16}: {value}")
+    click.echo("\nsteps:")
+    for i, step in enumerate(steps):
+        mark = ">" if i == pipeline.current_step and not pipeline.state.terminal else " "
+        line = f" {mark} {i + 1}. {step['step']} ({step['task']}, queue {step['queue']}"
+        line += "" if step["deadline"] is None else f", deadline {step['deadline']:g} s"
+        line += ")"
+        if step["job_id"] is None:
+            line += "  not started"
+        else:
+            line += f"  job {step['job_id']} {step['state']}, attempt {step['attempt']}"
+            line += f", {step['snoozes']} snoozes, started {_time(step['started_at'])}"
+            if step["error"]:
+                line += f"  error: {step['error']}"
+        click.echo(line)
+
+
+@pipelines.command("cancel")
+@database_options
+@click.argument("pipeline_id", type=int)
+def pipelines_cancel(database: str | None, app_spec: str | None, pipeline_id: int) -> None:
+    """Cancel a running pipeline and its current step's job."""
+    pipeline = resolve_app(database, app_spec).cancel_pipeline(pipeline_id)
+    click.echo(f"pipeline {pipeline.id} {pipeline.state} at step {pipeline.step}")
 
 
 @main.command()

@@ -28,6 +28,7 @@ from .control import Cancel, JobContext, Snooze, _current
 from .errors import InvalidArgumentsError
 from .job import Job, JobState
 from .options import check_queue_name
+from .services import watchdog
 from .services.pruner import Pruner
 from .services.rescuer import Rescuer
 from .states import Outcome
@@ -149,6 +150,7 @@ class Worker:
         services = [
             asyncio.create_task(self._every(self.heartbeat_interval, self._heartbeat_once)),
             asyncio.create_task(self._every(self.rescue_interval, self._rescue_once)),
+            asyncio.create_task(watchdog.serve(self)),  # pipeline step deadlines
             asyncio.create_task(self._completer()),
         ]
         if self.prune_interval is not None:

@@ -2,5 +2,6 @@
 
 from .pruner import Pruner, PruneResult, Retention
 from .rescuer import Rescuer
+from .watchdog import Watchdog
 
-__all__ = ["PruneResult", "Pruner", "Rescuer", "Retention"]
+__all__ = ["PruneResult", "Pruner", "Rescuer", "Retention", "Watchdog"]

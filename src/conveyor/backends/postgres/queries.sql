@@ -216,3 +216,115 @@ VALUES (%(name)s, %(holder)s, coalesce(%(now)s::timestamptz, now()))
 ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, started_at = excluded.started_at
  WHERE conveyor_leader.started_at <= excluded.started_at - %(interval)s * interval '1 second'
 RETURNING holder
+
+-- ---- pipelines and batches (backends/postgres/flows.py; triggers in migrations/0002) ----------
+
+-- name: insert_pipeline
+INSERT INTO conveyor_pipelines (name, entity, steps)
+VALUES (%(name)s, %(entity)s, %(steps)s::jsonb)
+RETURNING id
+
+-- name: enqueue_first_step
+-- The first step's job: the start arguments, then the step's own.
+SELECT conveyor_enqueue_spec(p.steps -> 0, %(args)s::jsonb, %(kwargs)s::jsonb, p.id) AS job_id
+  FROM conveyor_pipelines p
+ WHERE p.id = %(id)s
+
+-- name: set_pipeline_job
+UPDATE conveyor_pipelines SET current_job_id = %(job_id)s WHERE id = %(id)s
+
+-- name: get_pipeline
+SELECT p.*, CASE WHEN p.state = 'running' THEN j.started_at ELSE p.step_started_at END
+            AS current_started_at
+  FROM conveyor_pipelines p LEFT JOIN conveyor_jobs j ON j.id = p.current_job_id
+ WHERE p.id = %(id)s
+
+-- name: list_pipelines
+SELECT p.*, CASE WHEN p.state = 'running' THEN j.started_at ELSE p.step_started_at END
+            AS current_started_at
+  FROM conveyor_pipelines p LEFT JOIN conveyor_jobs j ON j.id = p.current_job_id
+ WHERE (%(state)s::text IS NULL OR p.state = %(state)s)
+   AND (%(name)s::text IS NULL OR p.name = %(name)s)
+   AND (%(entity)s::text IS NULL OR p.entity = %(entity)s)
+ ORDER BY p.id DESC
+ LIMIT %(limit)s
+
+-- name: pipeline_jobs
+SELECT * FROM conveyor_jobs WHERE pipeline_id = %(id)s ORDER BY id
+
+-- name: pipeline_current_job
+SELECT current_job_id FROM conveyor_pipelines WHERE id = %(id)s
+
+-- name: lock_job
+-- Lock order everywhere: the step's job, then its pipeline (as a worker finishing the job does).
+SELECT id, state, started_at FROM conveyor_jobs WHERE id = %(id)s FOR UPDATE
+
+-- name: lock_pipeline
+SELECT state, current_job_id FROM conveyor_pipelines WHERE id = %(id)s FOR UPDATE
+
+-- name: cancel_pipeline
+UPDATE conveyor_pipelines
+   SET state = 'cancelled', error = %(reason)s, finished_at = now(), updated_at = now(),
+       step_started_at = %(started_at)s
+ WHERE id = %(id)s AND state = 'running'
+
+-- name: overdue_steps
+-- A cheap look first (most passes find nothing): current steps past their deadline.
+SELECT j.id
+  FROM conveyor_pipelines p JOIN conveyor_jobs j ON j.id = p.current_job_id
+ WHERE p.state = 'running' AND j.deadline IS NOT NULL AND j.started_at IS NOT NULL
+   AND j.state NOT IN ('succeeded', 'dead', 'cancelled')
+   AND j.started_at + j.deadline * interval '1 second' < coalesce(%(now)s::timestamptz, now())
+ ORDER BY j.id
+ LIMIT %(limit)s
+
+-- name: expire_steps
+-- Fail the pipelines of overdue steps. Their jobs are locked first (skipping any a worker is
+-- finishing right now: the next pass sees how it ended), then the pipelines updated.
+WITH locked AS (
+    SELECT j.id, j.deadline, j.started_at
+      FROM conveyor_jobs j
+     WHERE j.id = ANY(%(ids)s::bigint[])
+       AND j.state NOT IN ('succeeded', 'dead', 'cancelled')
+       AND j.started_at + j.deadline * interval '1 second' < coalesce(%(now)s::timestamptz, now())
+     ORDER BY j.id
+       FOR UPDATE SKIP LOCKED
+)
+UPDATE conveyor_pipelines p
+   SET state = 'failed', finished_at = now(), updated_at = now(), step_started_at = l.started_at,
+       error = conveyor_step_deadline_error(p.steps -> p.current_step ->> 'name', l.deadline,
+                                            l.started_at)
+  FROM locked l
+ WHERE p.current_job_id = l.id AND p.state = 'running'
+RETURNING p.id, p.current_job_id, p.error
+
+-- name: cancel_overdue_jobs
+-- Cancelled at once, even while running: the worker's heartbeat then finds its lease gone.
+UPDATE conveyor_jobs j
+   SET state = 'cancelled', finished_at = greatest(now(), j.attempted_at),
+       last_error = jsonb_build_object('attempt', j.attempt, 'at', now(), 'kind', 'deadline',
+                                       'message', x.message),
+       errors = j.errors || jsonb_build_array(jsonb_build_object(
+                    'attempt', j.attempt, 'at', now(), 'kind', 'deadline', 'message', x.message)),
+       lease_owner = NULL, lease_expires_at = NULL, cancel_requested = false
+  FROM unnest(%(ids)s::bigint[], %(messages)s::text[]) AS x(id, message)
+ WHERE j.id = x.id AND j.state NOT IN ('succeeded', 'dead', 'cancelled')
+
+-- name: insert_batch
+INSERT INTO conveyor_batches (total, on_complete)
+VALUES (%(total)s, %(on_complete)s::jsonb)
+RETURNING id
+
+-- name: join_batch
+UPDATE conveyor_jobs SET batch_id = %(batch_id)s WHERE id = ANY(%(ids)s::bigint[])
+
+-- name: count_batch_at_insert
+-- Jobs inserted already finished (a failed dependency) count at once; the update completes a
+-- batch that is already done (conveyor_batches_complete).
+UPDATE conveyor_batches SET failed = %(failed)s WHERE id = %(id)s
+
+-- name: get_batch
+SELECT * FROM conveyor_batches WHERE id = %(id)s
+
+-- name: batch_jobs
+SELECT * FROM conveyor_jobs WHERE batch_id = %(id)s ORDER BY id

@@ -289,3 +289,108 @@ VALUES (:name, :holder, coalesce(:now, {now}))
 ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, started_at = excluded.started_at
  WHERE conveyor_leader.started_at <= excluded.started_at - :interval
 RETURNING holder
+
+-- ---- pipelines and batches (backends/sqlite/flows.py; triggers in migrations/0002) ------------
+
+-- name: insert_pipeline
+INSERT INTO conveyor_pipelines (name, entity, steps, created_at, updated_at)
+VALUES (:name, :entity, :steps, {now}, {now})
+RETURNING id
+
+-- name: insert_spec_job
+-- The job a spec describes (here: a pipeline's first step), with its final args and kwargs.
+INSERT INTO conveyor_jobs (task, queue, args, kwargs, priority, created_at, run_at, max_attempts,
+                           max_snoozes, deadline, timeout, concurrency_key, concurrency_limit,
+                           pipeline_id)
+SELECT json_extract(:spec, '$.task'), json_extract(:spec, '$.queue'), json(:args), json(:kwargs),
+       json_extract(:spec, '$.priority'), {now}, {now} + json_extract(:spec, '$.delay'),
+       json_extract(:spec, '$.max_attempts'), json_extract(:spec, '$.max_snoozes'),
+       json_extract(:spec, '$.deadline'), json_extract(:spec, '$.timeout'),
+       json_extract(:spec, '$.concurrency_key'), json_extract(:spec, '$.concurrency_limit'),
+       :pipeline
+RETURNING id
+
+-- name: set_pipeline_job
+UPDATE conveyor_pipelines SET current_job_id = :job_id WHERE id = :id
+
+-- name: get_pipeline
+SELECT p.*, CASE WHEN p.state = 'running' THEN j.started_at ELSE p.step_started_at END
+            AS current_started_at
+  FROM conveyor_pipelines p LEFT JOIN conveyor_jobs j ON j.id = p.current_job_id
+ WHERE p.id = :id
+
+-- name: list_pipelines
+SELECT p.*, CASE WHEN p.state = 'running' THEN j.started_at ELSE p.step_started_at END
+            AS current_started_at
+  FROM conveyor_pipelines p LEFT JOIN conveyor_jobs j ON j.id = p.current_job_id
+ WHERE (:state IS NULL OR p.state = :state)
+   AND (:name IS NULL OR p.name = :name)
+   AND (:entity IS NULL OR p.entity = :entity)
+ ORDER BY p.id DESC
+ LIMIT :limit
+
+-- name: pipeline_jobs
+SELECT * FROM conveyor_jobs WHERE pipeline_id = :id ORDER BY id
+
+-- name: cancel_pipeline
+UPDATE conveyor_pipelines
+   SET state = 'cancelled', error = :reason, finished_at = {now}, updated_at = {now},
+       step_started_at = (SELECT started_at FROM conveyor_jobs WHERE id = current_job_id)
+ WHERE id = :id AND state = 'running'
+RETURNING current_job_id
+
+-- name: overdue_steps
+-- A read first (most passes find nothing, and must not take the write lock).
+SELECT j.id
+  FROM conveyor_pipelines p JOIN conveyor_jobs j ON j.id = p.current_job_id
+ WHERE p.state = 'running' AND j.deadline IS NOT NULL AND j.started_at IS NOT NULL
+   AND j.state NOT IN ('succeeded', 'dead', 'cancelled')
+   AND j.started_at + j.deadline < coalesce(:now, {now})
+ ORDER BY j.id
+ LIMIT :limit
+
+-- name: expire_steps
+UPDATE conveyor_pipelines AS p
+   SET state = 'failed', finished_at = {now}, updated_at = {now}, step_started_at = j.started_at,
+       error = 'step ' || json_extract(p.steps, '$[' || p.current_step || '].name')
+               || ' exceeded its ' || printf('%g', j.deadline) || ' s deadline (started '
+               || printf('%02d:%02d:%02d', (CAST(j.started_at AS INTEGER) / 3600) % 24,
+                         (CAST(j.started_at AS INTEGER) / 60) % 60,
+                         CAST(j.started_at AS INTEGER) % 60) || ')'
+  FROM conveyor_jobs AS j
+ WHERE j.id IN (SELECT value FROM json_each(:ids)) AND p.current_job_id = j.id
+   AND p.state = 'running' AND j.state NOT IN ('succeeded', 'dead', 'cancelled')
+   AND j.started_at + j.deadline < coalesce(:now, {now})
+RETURNING id, current_job_id, error  -- (SQLite: the updated table's columns, unqualified)
+
+-- name: cancel_overdue_job
+-- Cancelled at once, even while running: the worker's heartbeat then finds its lease gone.
+UPDATE conveyor_jobs
+   SET state = 'cancelled', finished_at = max({now}, coalesce(attempted_at, {now})),
+       last_error = json_object('attempt', attempt,
+                                'at', strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now'),
+                                'kind', 'deadline', 'message', :message),
+       errors = json_insert(errors, '$[#]', json_object(
+                    'attempt', attempt, 'at', strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now'),
+                    'kind', 'deadline', 'message', :message)),
+       lease_owner = NULL, lease_expires_at = NULL, cancel_requested = 0
+ WHERE id = :id AND state NOT IN ('succeeded', 'dead', 'cancelled')
+
+-- name: insert_batch
+INSERT INTO conveyor_batches (total, on_complete, created_at, updated_at)
+VALUES (:total, :on_complete, {now}, {now})
+RETURNING id
+
+-- name: join_batch
+UPDATE conveyor_jobs SET batch_id = :batch_id WHERE id IN (SELECT value FROM json_each(:ids))
+
+-- name: count_batch_at_insert
+-- Jobs inserted already finished (a failed dependency) count at once; the update completes a
+-- batch that is already done (trigger conveyor_batches_complete).
+UPDATE conveyor_batches SET failed = :failed WHERE id = :id
+
+-- name: get_batch
+SELECT * FROM conveyor_batches WHERE id = :id
+
+-- name: batch_jobs
+SELECT * FROM conveyor_jobs WHERE batch_id = :id ORDER BY id

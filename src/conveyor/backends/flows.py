@@ -1,0 +1,161 @@
+"""The storage contract of pipelines and batches, beside a backend's job contract (base.py).
+
+Each backend implements it in ``backends/<name>/flows.py`` over its own connections and named
+queries; the database's triggers (migration 0002) do the work that must happen in the transaction
+finishing a job: enqueue a pipeline's next step, fail the pipeline, count a batch and enqueue its
+on_complete. The contract test suite (tests/contract/test_pipelines.py, test_batches.py) checks
+every implementation against these docstrings.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from ..job import Job
+from ..pipelines import Batch, JobSpec, Pipeline, PipelineState
+from .base import Backend, NewJob
+
+#: Overdue steps handled per call of ``pipeline_expire_steps``.
+EXPIRE_BATCH = 1000
+
+
+class FlowStore(abc.ABC):
+    """Pipelines and batches of one backend."""
+
+    # -- pipelines ------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def pipeline_start(
+        self,
+        name: str,
+        entity: str | None,
+        steps: Sequence[JobSpec],
+        args: str,
+        kwargs: str,
+    ) -> Pipeline:
+        """In one transaction: insert a running pipeline and its first step's job, called with
+        ``args`` (a JSON array) followed by the step's own arguments, and the step's kwargs
+        updated by ``kwargs`` (a JSON object). Every later step is enqueued by the database when
+        the step before it succeeds, with that step's result as its first argument; the last
+        step's success makes the pipeline succeeded with its result; a step's job ending dead,
+        cancelled or deleted fails it ("step X exceeded its N s deadline (started HH:MM:SS)" when
+        the job died of its deadline)."""
+
+    @abc.abstractmethod
+    def pipeline_get(self, pipeline_id: int) -> Pipeline:
+        """The pipeline, or PipelineNotFoundError."""
+
+    @abc.abstractmethod
+    def pipeline_list(
+        self,
+        state: str | None = None,
+        name: str | None = None,
+        entity: str | None = None,
+        limit: int = 100,
+    ) -> list[Pipeline]:
+        """Pipelines matching the filters, newest first."""
+
+    @abc.abstractmethod
+    def pipeline_jobs(self, pipeline_id: int) -> list[Job]:
+        """The jobs of its steps so far, in order (pruned ones are gone)."""
+
+    @abc.abstractmethod
+    def pipeline_cancel(self, pipeline_id: int, reason: str) -> Pipeline:
+        """Running -> cancelled (error ``reason``), and its current step's job cancelled like
+        ``job_cancel`` does (pending: at once; running: cancellation requested from its worker);
+        a finished pipeline is returned unchanged. No later step runs: the step's job ending, even
+        succeeded, no longer moves the pipeline. PipelineNotFoundError if there is none."""
+
+    @abc.abstractmethod
+    def pipeline_expire_steps(self, now: datetime | None = None) -> list[Pipeline]:
+        """The watchdog's pass: every running pipeline whose current step's job started more than
+        its ``deadline`` before ``now`` (default: the database clock) and has not finished is
+        failed ("step X exceeded its N s deadline (started HH:MM:SS)"), and that job cancelled at
+        once, even while running (its worker then loses the lease, so its outcome is dropped).
+        A step that has not started yet is never overdue. At most EXPIRE_BATCH per call; returns
+        the pipelines failed. Safe to run from several workers at once."""
+
+    # -- batches --------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def batch_create(self, jobs: Sequence[NewJob], on_complete: JobSpec | None) -> Batch:
+        """In one transaction: insert the jobs and a batch of them (total = their number). Each
+        job reaching succeeded, or dead/cancelled (failed), is counted in the transaction that
+        finishes it; a manual retry of a failed one takes it off the count again. The update that
+        makes the counts reach the total completes the batch (completed_at) and enqueues
+        ``on_complete`` with {"batch_id", "total", "succeeded", "failed"} as its first argument:
+        exactly once, also when the last two jobs finish at once on different workers. A batch
+        whose jobs all ended at insert (or an empty one) completes at once."""
+
+    @abc.abstractmethod
+    def batch_get(self, batch_id: int) -> Batch:
+        """The batch, or BatchNotFoundError."""
+
+    @abc.abstractmethod
+    def batch_jobs(self, batch_id: int) -> list[Job]:
+        """The batch's jobs, in order (pruned ones are gone)."""
+
+    # -- status subscriptions -------------------------------------------------------------------
+    def watch_flows(
+        self, on_changed: Callable[[Iterable[str]], None], on_gap: Callable[[], None]
+    ) -> Callable[[], None] | None:
+        """Push, if this backend can: call ``on_changed(keys)`` (from another thread) when
+        pipelines (key ``p<id>``) or batches (``b<id>``) of any process change, ``on_gap()``
+        when notifications may have been missed. A function that stops it; None when the backend
+        cannot push (SQLite), so waiters poll."""
+        return None
+
+
+def flow_store(backend: Backend) -> FlowStore:
+    """The pipelines and batches of ``backend``."""
+    if backend.name == "sqlite":
+        from .sqlite.flows import SQLiteFlows
+
+        return SQLiteFlows(backend)  # type: ignore[arg-type]
+    from .postgres.flows import PostgresFlows
+
+    return PostgresFlows(backend)  # type: ignore[arg-type]
+
+
+def pipeline_key(pipeline_id: int) -> str:
+    return f"p{pipeline_id}"
+
+
+def batch_key(batch_id: int) -> str:
+    return f"b{batch_id}"
+
+
+def pipeline_from_row(row: Mapping[str, Any]) -> Pipeline:
+    """A Pipeline from a row with Python types (steps and result decoded from JSON), where
+    ``current_started_at`` is the current step's start."""
+    return Pipeline(
+        id=row["id"],
+        name=row["name"],
+        entity=row["entity"],
+        state=PipelineState(row["state"]),
+        steps=tuple(JobSpec.from_json(s) for s in row["steps"]),
+        current_step=row["current_step"],
+        current_job_id=row["current_job_id"],
+        step_started_at=row["current_started_at"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        finished_at=row["finished_at"],
+        return_value=row["result"],
+        error=row["error"],
+    )
+
+
+def batch_from_row(row: Mapping[str, Any]) -> Batch:
+    spec = row["on_complete"]
+    return Batch(
+        id=row["id"],
+        total=row["total"],
+        succeeded=row["succeeded"],
+        failed=row["failed"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        completed_at=row["completed_at"],
+        on_complete=None if spec is None else JobSpec.from_json(spec),
+        on_complete_job_id=row["on_complete_job_id"],
+    )

@@ -1,0 +1,157 @@
+"""Pipelines and batches on PostgreSQL (the contract: backends/flows.py).
+
+Progress happens in the database: triggers of migration 0002 enqueue a pipeline's next step and
+count a batch in the transaction that finishes a job. Here: starting, reading, cancelling, the
+watchdog's pass, creating batches, and LISTEN for changes (``conveyor_flow_state``).
+
+Lock order, everywhere: a step's job, then its pipeline, then batches (by id), as a worker's
+finishing UPDATE takes them, so no two of these transactions can deadlock.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from ...job import Job
+from ...pipelines import (
+    Batch,
+    BatchNotFoundError,
+    JobSpec,
+    Pipeline,
+    PipelineNotFoundError,
+)
+from ..base import NewJob, job_from_row
+from ..flows import EXPIRE_BATCH, FlowStore, batch_from_row, pipeline_from_row
+from . import QUERIES
+
+if TYPE_CHECKING:
+    from . import PostgresBackend
+
+#: Notified with 'p<id>' / 'b<id>' when a pipeline or batch changes (trigger conveyor_notify_flow).
+FLOW_CHANNEL = "conveyor_flow_state"
+_TERMINAL = ("succeeded", "dead", "cancelled")
+
+
+class PostgresFlows(FlowStore):
+    def __init__(self, backend: PostgresBackend) -> None:
+        self.backend = backend
+
+    def _all(self, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        return self.backend._all(query, params)
+
+    # -- pipelines ------------------------------------------------------------------------------
+    def pipeline_start(
+        self,
+        name: str,
+        entity: str | None,
+        steps: Sequence[JobSpec],
+        args: str,
+        kwargs: str,
+    ) -> Pipeline:
+        specs = json.dumps([s.to_json() for s in steps])
+        with self.backend._conn() as conn, conn.transaction():
+            params = {"name": name, "entity": entity, "steps": specs}
+            pipeline_id = conn.execute(QUERIES["insert_pipeline"], params).fetchone()["id"]
+            params = {"id": pipeline_id, "args": args, "kwargs": kwargs}
+            job_id = conn.execute(QUERIES["enqueue_first_step"], params).fetchone()["job_id"]
+            conn.execute(QUERIES["set_pipeline_job"], {"id": pipeline_id, "job_id": job_id})
+        return self.pipeline_get(pipeline_id)
+
+    def pipeline_get(self, pipeline_id: int) -> Pipeline:
+        rows = self._all("get_pipeline", {"id": pipeline_id})
+        if not rows:
+            raise PipelineNotFoundError(f"no pipeline with id {pipeline_id}")
+        return pipeline_from_row(rows[0])
+
+    def pipeline_list(
+        self,
+        state: str | None = None,
+        name: str | None = None,
+        entity: str | None = None,
+        limit: int = 100,
+    ) -> list[Pipeline]:
+        params = {"state": state, "name": name, "entity": entity, "limit": limit}
+        return [pipeline_from_row(r) for r in self._all("list_pipelines", params)]
+
+    def pipeline_jobs(self, pipeline_id: int) -> list[Job]:
+        return [job_from_row(r) for r in self._all("pipeline_jobs", {"id": pipeline_id})]
+
+    def pipeline_cancel(self, pipeline_id: int, reason: str) -> Pipeline:
+        for _ in range(100):  # the pipeline may move on to its next step while we lock
+            with self.backend._conn() as conn, conn.transaction():
+                found = conn.execute(QUERIES["pipeline_current_job"], {"id": pipeline_id})
+                row = found.fetchone()
+                if row is None:
+                    raise PipelineNotFoundError(f"no pipeline with id {pipeline_id}")
+                job_id = row["current_job_id"]
+                job = conn.execute(QUERIES["lock_job"], {"id": job_id}).fetchone()
+                pipeline = conn.execute(QUERIES["lock_pipeline"], {"id": pipeline_id}).fetchone()
+                if pipeline["state"] != "running":
+                    break
+                if pipeline["current_job_id"] != job_id:
+                    continue
+                started = None if job is None else job["started_at"]
+                params = {"id": pipeline_id, "reason": reason, "started_at": started}
+                conn.execute(QUERIES["cancel_pipeline"], params)
+                if job is not None:
+                    params = {"id": job_id, "reason": reason}
+                    if not conn.execute(QUERIES["cancel_pending"], params).fetchall():
+                        conn.execute(QUERIES["cancel_running"], {"id": job_id})
+                break
+        return self.pipeline_get(pipeline_id)
+
+    def pipeline_expire_steps(self, now: datetime | None = None) -> list[Pipeline]:
+        ids = [r["id"] for r in self._all("overdue_steps", {"now": now, "limit": EXPIRE_BATCH})]
+        if not ids:
+            return []
+        with self.backend._conn() as conn, conn.transaction():
+            failed = conn.execute(QUERIES["expire_steps"], {"ids": ids, "now": now}).fetchall()
+            if failed:
+                params = {
+                    "ids": [r["current_job_id"] for r in failed],
+                    "messages": [r["error"] for r in failed],
+                }
+                conn.execute(QUERIES["cancel_overdue_jobs"], params)
+        return [self.pipeline_get(r["id"]) for r in sorted(failed, key=lambda r: r["id"])]
+
+    # -- batches --------------------------------------------------------------------------------
+    def batch_create(self, jobs: Sequence[NewJob], on_complete: JobSpec | None) -> Batch:
+        spec = None if on_complete is None else json.dumps(on_complete.to_json())
+        with self.backend._conn() as conn, conn.transaction():
+            params = {"total": len(jobs), "on_complete": spec}
+            batch_id = conn.execute(QUERIES["insert_batch"], params).fetchone()["id"]
+            inserted = self.backend._insert_on(conn, jobs) if jobs else []
+            if inserted:
+                ids = [j.id for j in inserted]
+                conn.execute(QUERIES["join_batch"], {"batch_id": batch_id, "ids": ids})
+            failed = sum(1 for j in inserted if j.state.terminal)
+            conn.execute(QUERIES["count_batch_at_insert"], {"id": batch_id, "failed": failed})
+        return self.batch_get(batch_id)
+
+    def batch_get(self, batch_id: int) -> Batch:
+        rows = self._all("get_batch", {"id": batch_id})
+        if not rows:
+            raise BatchNotFoundError(f"no batch with id {batch_id}")
+        return batch_from_row(rows[0])
+
+    def batch_jobs(self, batch_id: int) -> list[Job]:
+        return [job_from_row(r) for r in self._all("batch_jobs", {"id": batch_id})]
+
+    # -- status subscriptions -------------------------------------------------------------------
+    def watch_flows(
+        self, on_changed: Callable[[Iterable[str]], None], on_gap: Callable[[], None]
+    ) -> Callable[[], None] | None:
+        from .listener import Listener
+
+        def on_notify(payload: str) -> None:
+            keys = [k.strip() for k in payload.split(",") if k.strip()]
+            if keys:
+                on_changed(keys)
+
+        return Listener(self.backend.url, FLOW_CHANNEL, on_notify, on_gap).start()
+
+
+__all__ = ["FLOW_CHANNEL", "PostgresFlows"]

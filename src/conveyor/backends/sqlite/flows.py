@@ -1,0 +1,157 @@
+"""Pipelines and batches on SQLite (the contract: backends/flows.py).
+
+Progress happens in the database: triggers of migration 0002 enqueue a pipeline's next step and
+count a batch in the transaction that finishes a job (SQLite's one writer serializes those). Here:
+starting, reading, cancelling, the watchdog's pass and creating batches. SQLite cannot push, so
+waiters poll (results.py).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from ...job import Job
+from ...pipelines import (
+    Batch,
+    BatchNotFoundError,
+    JobSpec,
+    Pipeline,
+    PipelineNotFoundError,
+)
+from ..base import NewJob
+from ..flows import EXPIRE_BATCH, FlowStore, batch_from_row, pipeline_from_row
+from . import QUERIES, SQLiteBackend, _from_time, _job, _to_time
+
+_TIMES = (
+    "created_at",
+    "updated_at",
+    "finished_at",
+    "step_started_at",
+    "current_started_at",
+    "completed_at",
+)
+_JSON = ("steps", "on_complete", "result")  # a pipeline's error is plain text
+
+
+def _row(row: sqlite3.Row) -> dict[str, Any]:
+    out = dict(zip(row.keys(), row, strict=True))
+    for key in _TIMES:
+        if key in out:
+            out[key] = _to_time(out[key])
+    for key in _JSON:
+        if key in out and out[key] is not None:
+            out[key] = json.loads(out[key])
+    return out
+
+
+class SQLiteFlows(FlowStore):
+    def __init__(self, backend: SQLiteBackend) -> None:
+        self.backend = backend
+
+    def _read(self, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        return [_row(r) for r in self.backend._read(query, params)]
+
+    # -- pipelines ------------------------------------------------------------------------------
+    def pipeline_start(
+        self,
+        name: str,
+        entity: str | None,
+        steps: Sequence[JobSpec],
+        args: str,
+        kwargs: str,
+    ) -> Pipeline:
+        first = steps[0].to_json()
+        full_args = json.dumps([*json.loads(args), *first["args"]])
+        full_kwargs = json.dumps({**first["kwargs"], **json.loads(kwargs)})
+        specs = json.dumps([s.to_json() for s in steps])
+
+        def start(conn: sqlite3.Connection) -> int:
+            params: dict[str, Any] = {"name": name, "entity": entity, "steps": specs}
+            pipeline_id: int = conn.execute(QUERIES["insert_pipeline"], params).fetchone()[0]
+            params = {
+                "spec": json.dumps(first),
+                "args": full_args,
+                "kwargs": full_kwargs,
+                "pipeline": pipeline_id,
+            }
+            job_id = conn.execute(QUERIES["insert_spec_job"], params).fetchone()[0]
+            conn.execute(QUERIES["set_pipeline_job"], {"id": pipeline_id, "job_id": job_id})
+            return pipeline_id
+
+        return self.pipeline_get(self.backend._write(start))
+
+    def pipeline_get(self, pipeline_id: int) -> Pipeline:
+        rows = self._read("get_pipeline", {"id": pipeline_id})
+        if not rows:
+            raise PipelineNotFoundError(f"no pipeline with id {pipeline_id}")
+        return pipeline_from_row(rows[0])
+
+    def pipeline_list(
+        self,
+        state: str | None = None,
+        name: str | None = None,
+        entity: str | None = None,
+        limit: int = 100,
+    ) -> list[Pipeline]:
+        params = {"state": state, "name": name, "entity": entity, "limit": limit}
+        return [pipeline_from_row(r) for r in self._read("list_pipelines", params)]
+
+    def pipeline_jobs(self, pipeline_id: int) -> list[Job]:
+        return [_job(r) for r in self.backend._read("pipeline_jobs", {"id": pipeline_id})]
+
+    def pipeline_cancel(self, pipeline_id: int, reason: str) -> Pipeline:
+        def cancel(conn: sqlite3.Connection) -> None:
+            params = {"id": pipeline_id, "reason": reason}
+            row = conn.execute(QUERIES["cancel_pipeline"], params).fetchone()
+            if row is not None and row[0] is not None:
+                params = {"id": row[0], "reason": reason}
+                if not conn.execute(QUERIES["cancel_pending"], params).fetchall():
+                    conn.execute(QUERIES["cancel_running"], {"id": row[0]}).fetchall()
+
+        self.backend._write(cancel)
+        return self.pipeline_get(pipeline_id)
+
+    def pipeline_expire_steps(self, now: datetime | None = None) -> list[Pipeline]:
+        at = _from_time(now)
+        found = self.backend._read("overdue_steps", {"now": at, "limit": EXPIRE_BATCH})
+        if not found:
+            return []
+        ids = json.dumps([r[0] for r in found])
+
+        def expire(conn: sqlite3.Connection) -> list[int]:
+            failed = conn.execute(QUERIES["expire_steps"], {"ids": ids, "now": at}).fetchall()
+            for _pipeline_id, job_id, error in failed:
+                conn.execute(QUERIES["cancel_overdue_job"], {"id": job_id, "message": error})
+            return sorted(r[0] for r in failed)
+
+        return [self.pipeline_get(i) for i in self.backend._write(expire)]
+
+    # -- batches --------------------------------------------------------------------------------
+    def batch_create(self, jobs: Sequence[NewJob], on_complete: JobSpec | None) -> Batch:
+        spec = None if on_complete is None else json.dumps(on_complete.to_json())
+
+        def create(conn: sqlite3.Connection) -> int:
+            params: dict[str, Any] = {"total": len(jobs), "on_complete": spec}
+            batch_id: int = conn.execute(QUERIES["insert_batch"], params).fetchone()[0]
+            inserted = SQLiteBackend._insert_on(conn, jobs) if jobs else []
+            if inserted:
+                params = {"batch_id": batch_id, "ids": json.dumps([j.id for j in inserted])}
+                conn.execute(QUERIES["join_batch"], params)
+            failed = sum(1 for j in inserted if j.state.terminal)
+            conn.execute(QUERIES["count_batch_at_insert"], {"id": batch_id, "failed": failed})
+            return batch_id
+
+        return self.batch_get(self.backend._write(create))
+
+    def batch_get(self, batch_id: int) -> Batch:
+        rows = self._read("get_batch", {"id": batch_id})
+        if not rows:
+            raise BatchNotFoundError(f"no batch with id {batch_id}")
+        return batch_from_row(rows[0])
+
+    def batch_jobs(self, batch_id: int) -> list[Job]:
+        return [_job(r) for r in self.backend._read("batch_jobs", {"id": batch_id})]
