@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, InvalidTransitionError, JobNotFoundError
 from ..job import Job, JobEvent, JobState
 from ..states import Outcome
 
@@ -246,6 +246,20 @@ class Backend(abc.ABC):
         """Delete a job that is not running, with its history. Jobs waiting for it are cancelled
         ("dependency job N (task) was deleted"). Returns False if it did not exist; raises
         InvalidTransitionError for a running job (cancel it first)."""
+
+    def _refusal(self, job_id: int, rule: str) -> InvalidTransitionError:
+        """The error for an operation the job's current state refused (JobNotFoundError if the
+        job does not exist), e.g. "job 7 is running; cancel it before deleting"."""
+        current = self.job_get(job_id)
+        return InvalidTransitionError(f"job {job_id} is {current.state}; {rule}")
+
+    def _delete_refused(self, job_id: int) -> bool:
+        """After a delete matched nothing: False for a missing job, else why it was refused."""
+        try:
+            error = self._refusal(job_id, "cancel it before deleting")
+        except JobNotFoundError:
+            return False
+        raise error
 
     @abc.abstractmethod
     def job_dependencies(self, job_id: int) -> list[int]:

@@ -12,7 +12,6 @@ from ... import sqlfile
 from ...errors import (
     ConfigurationError,
     DatabaseUnavailableError,
-    InvalidTransitionError,
     JobNotFoundError,
 )
 from ...job import Job, JobEvent, JobState
@@ -305,10 +304,7 @@ class PostgresBackend(Backend):
                 params = {"id": job_id, "state": retry_state(job_id, deps)}
                 row = conn.execute(QUERIES["retry_job"], params).fetchone()
         if row is None:
-            current = self.job_get(job_id)
-            raise InvalidTransitionError(
-                f"job {job_id} is {current.state}; only dead or cancelled jobs can be retried"
-            )
+            raise self._refusal(job_id, "only dead or cancelled jobs can be retried")
         return job_from_row(row)
 
     def job_dependencies(self, job_id: int) -> list[int]:
@@ -317,11 +313,7 @@ class PostgresBackend(Backend):
     def job_delete(self, job_id: int) -> bool:
         if self._all("delete_job", {"id": job_id}):
             return True
-        try:
-            current = self.job_get(job_id)
-        except JobNotFoundError:
-            return False
-        raise InvalidTransitionError(f"job {job_id} is {current.state}; cancel it before deleting")
+        return self._delete_refused(job_id)
 
     def watch_finished(
         self, on_finished: Callable[[Iterable[int]], None], on_gap: Callable[[], None]

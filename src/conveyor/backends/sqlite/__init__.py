@@ -20,7 +20,6 @@ from ...errors import (
     ConfigurationError,
     ConveyorError,
     DatabaseUnavailableError,
-    InvalidTransitionError,
     JobNotFoundError,
 )
 from ...job import Job, JobEvent, JobState
@@ -476,10 +475,7 @@ class SQLiteBackend(Backend):
 
         row = self._write(retry)
         if row is None:
-            current = self.job_get(job_id)
-            raise InvalidTransitionError(
-                f"job {job_id} is {current.state}; only dead or cancelled jobs can be retried"
-            )
+            raise self._refusal(job_id, "only dead or cancelled jobs can be retried")
         return _job(row)
 
     def job_dependencies(self, job_id: int) -> list[int]:
@@ -488,11 +484,7 @@ class SQLiteBackend(Backend):
     def job_delete(self, job_id: int) -> bool:
         if self._write_rows("delete_job", {"id": job_id}):
             return True
-        try:
-            current = self.job_get(job_id)
-        except JobNotFoundError:
-            return False
-        raise InvalidTransitionError(f"job {job_id} is {current.state}; cancel it before deleting")
+        return self._delete_refused(job_id)
 
     # -- history and retention ------------------------------------------------------------------
     def job_events(self, job_id: int) -> list[JobEvent]:
