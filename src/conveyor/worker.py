@@ -28,9 +28,9 @@ from .control import Cancel, JobContext, Snooze, _current
 from .errors import InvalidArgumentsError
 from .job import Job, JobState
 from .options import check_queue_name
-from .services import watchdog
 from .services.pruner import Pruner
 from .services.rescuer import Rescuer
+from .services.watchdog import Watchdog
 from .states import Outcome
 
 if TYPE_CHECKING:
@@ -150,9 +150,12 @@ class Worker:
         services = [
             asyncio.create_task(self._every(self.heartbeat_interval, self._heartbeat_once)),
             asyncio.create_task(self._every(self.rescue_interval, self._rescue_once)),
-            asyncio.create_task(watchdog.serve(self)),  # pipeline step deadlines
             asyncio.create_task(self._completer()),
         ]
+        if self.app.watchdog_interval is not None:  # pipeline step deadlines
+            services.append(
+                asyncio.create_task(self._every(self.app.watchdog_interval, self._watchdog_once))
+            )
         if self.prune_interval is not None:
             # Check a few times per interval; the database lets one worker per interval prune.
             check = self.prune_interval / 4
@@ -458,6 +461,9 @@ class Worker:
     async def _rescue_once(self) -> None:
         rescued = await self._db(Rescuer(self.app.backend).run_once)
         self.stats.rescued += len(rescued)
+
+    async def _watchdog_once(self) -> None:
+        await self._db(Watchdog(self.app.backend).run_once)
 
     async def _prune_once(self) -> None:
         assert self.prune_interval is not None

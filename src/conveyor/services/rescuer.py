@@ -7,6 +7,7 @@ from datetime import datetime
 
 from ..backends.base import Backend
 from ..job import Job
+from .batching import until_short_batch
 
 logger = logging.getLogger("conveyor.rescuer")
 _BATCH = 1000  # the backends rescue at most this many per statement
@@ -21,13 +22,7 @@ class Rescuer:
 
     def run_once(self, now: datetime | None = None) -> list[Job]:
         """Rescue every job whose lease expired before ``now`` (default: the database clock)."""
-        rescued: list[Job] = []
-        while True:
-            batch = self.backend.job_rescue_stuck(now)
-            rescued.extend(batch)
-            for job in batch:
-                logger.warning(
-                    "rescued job %s (%s): %s -> %s", job.id, job.task, job.error, job.state
-                )
-            if len(batch) < _BATCH:
-                return rescued
+        rescued = until_short_batch(lambda: self.backend.job_rescue_stuck(now), _BATCH)
+        for job in rescued:
+            logger.warning("rescued job %s (%s): %s -> %s", job.id, job.task, job.error, job.state)
+        return rescued

@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
-from typing import TYPE_CHECKING
 
 from ..backends.base import Backend
 from ..backends.flows import EXPIRE_BATCH, flow_store
 from ..pipelines import Pipeline
-
-if TYPE_CHECKING:
-    from ..worker import Worker
+from .batching import until_short_batch
 
 logger = logging.getLogger("conveyor.watchdog")
 
@@ -36,26 +33,9 @@ class Watchdog:
     def run_once(self, now: datetime | None = None) -> list[Pipeline]:
         """Fail every running pipeline whose current step started more than its deadline before
         ``now`` (default: the database clock); returns them."""
-        failed: list[Pipeline] = []
-        while True:
-            batch = self.flows.pipeline_expire_steps(now)
-            failed.extend(batch)
-            for pipeline in batch:
-                logger.warning(
-                    "pipeline %s (%s) failed: %s", pipeline.id, pipeline.name, pipeline.error
-                )
-            if len(batch) < EXPIRE_BATCH:
-                return failed
-
-
-async def serve(worker: Worker) -> None:
-    """The worker's maintenance loop for the watchdog (registered in ``Worker.run``)."""
-    interval = worker.app.watchdog_interval
-    if interval is None:
-        return
-    watchdog = Watchdog(worker.app.backend)
-
-    async def check_pipeline_deadlines() -> None:
-        await worker._db(watchdog.run_once)
-
-    await worker._every(interval, check_pipeline_deadlines)
+        failed = until_short_batch(lambda: self.flows.pipeline_expire_steps(now), EXPIRE_BATCH)
+        for pipeline in failed:
+            logger.warning(
+                "pipeline %s (%s) failed: %s", pipeline.id, pipeline.name, pipeline.error
+            )
+        return failed
