@@ -234,7 +234,6 @@ def test_bad_sqlite_urls_are_configuration_errors(tmp_path: Path) -> None:
 
 
 def test_unreachable_postgres_is_database_unavailable() -> None:
-    pytest.importorskip("psycopg")
     app = Conveyor("postgresql://postgres:hunter2@127.0.0.1:1/conveyor")
     with pytest.raises(DatabaseUnavailableError, match="cannot connect") as info:
         app.migrate()

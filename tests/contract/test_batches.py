@@ -345,7 +345,12 @@ def test_waiting_for_a_batch_to_change_or_complete(app: Conveyor, other_app: Con
 
     async def complete() -> Batch:
         waiting = asyncio.create_task(moved.wait(timeout=30))
-        await asyncio.sleep(0)
+        await asyncio.to_thread(
+            wait_until,
+            lambda: f"b{moved.id}" in app._flow_waiter._wakers,
+            10,
+            "the async waiter",
+        )
         await asyncio.to_thread(finish, 1)
         return await waiting
 

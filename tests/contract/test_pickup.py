@@ -38,8 +38,10 @@ def test_idle_worker_picks_up_a_job_from_another_process_at_once(
     other = _other_process_app(db_url)
     try:
         with running_worker(app, poll_interval=LONG_POLL, concurrency=2) as worker:
-            time.sleep(0.3)  # the workload: the worker has gone idle (no job exists yet)
+            if not is_sqlite(db_url):
+                wait_until(lambda: worker.push_wakeups, timeout=5, what="the worker's listener")
             assert worker.push_wakeups is not is_sqlite(db_url)
+            time.sleep(0.3)  # the workload: no job yet, so the worker goes idle (SQLite backs off)
             for n in range(3):
                 job = other.tasks["pickup.noop"].enqueue(n)
                 done = wait_until(

@@ -565,7 +565,12 @@ def test_waiting_for_a_pipeline_to_move_on_or_finish(app: Conveyor, other: Conve
     async def finish() -> Any:
         waiting = asyncio.create_task(first.wait(timeout=30))
         changed = asyncio.create_task(first.next_change_async(timeout=30))
-        await asyncio.sleep(0)
+        await asyncio.to_thread(
+            wait_until,
+            lambda: len(app._flow_waiter._wakers.get(f"p{run.id}", ())) >= 2,
+            10,
+            "both async waiters",
+        )
         await asyncio.to_thread(_advance, other, "w1", '"twenty"')
         second = await changed
         await asyncio.to_thread(_advance, other, "w2", '{"done": true}')
