@@ -73,7 +73,14 @@ class QueueStats:
         return self.counts.get(JobState.RUNNING, 0)
 
 
-_JOB_FIELDS = tuple(f.name for f in dataclasses.fields(Job))
+#: Columns copied as they are; the other Job fields are converted below.
+_COPIED_FIELDS = tuple(
+    f.name
+    for f in dataclasses.fields(Job)
+    if f.name not in ("state", "return_value", "cancel_requested", "deduplicated")
+)
+#: Most stuck jobs one rescue statement handles (the Rescuer repeats until a short batch).
+RESCUE_BATCH = 1000
 
 
 def job_from_row(row: dict[str, Any], **extra: Any) -> Job:
@@ -83,15 +90,13 @@ def job_from_row(row: dict[str, Any], **extra: Any) -> Job:
     ``__dict__`` directly instead of calling its ``__init__`` (one ``object.__setattr__`` per
     field, about five times slower); tests/unit/test_job_rows.py checks the two agree.
     """
-    values = {name: row[name] for name in _JOB_FIELDS if name in row}
+    values = {name: row[name] for name in _COPIED_FIELDS}  # KeyError names a missing column
     values["state"] = JobState(row["state"])
     values["return_value"] = row["result"]
     values["cancel_requested"] = bool(row["cancel_requested"])
     values["deduplicated"] = False
-    values.update(extra)
-    missing = [name for name in _JOB_FIELDS if name not in values]
-    if missing:
-        raise KeyError(f"job row lacks columns {missing}")
+    if extra:
+        values.update(extra)
     job = object.__new__(Job)
     job.__dict__.update(values)
     return job
@@ -170,7 +175,6 @@ class Backend(abc.ABC):
         Its dependencies are share-locked while deciding, so none finishes unnoticed. A
         dependency that does not exist raises JobNotFoundError and inserts nothing."""
 
-    @abc.abstractmethod
     def job_fetch_available(
         self, worker_id: str, queues: Sequence[str], limit: int, lease: float
     ) -> list[Job]:
@@ -179,6 +183,16 @@ class Backend(abc.ABC):
         job becomes running with attempt+1, attempted_at=now, lease_owner=worker_id and
         lease_expires_at=now+lease. Jobs whose concurrency_key has ``concurrency_limit`` running
         jobs, or whose queue has its concurrency limit running, are not claimed (fleet-wide)."""
+        if limit <= 0 or not queues:
+            return []
+        jobs = self._claim(worker_id, queues, limit, lease)
+        jobs.sort(key=lambda j: (-j.priority, j.run_at, j.id))
+        return jobs
+
+    @abc.abstractmethod
+    def _claim(self, worker_id: str, queues: Sequence[str], limit: int, lease: float) -> list[Job]:
+        """The claim statement(s) of ``job_fetch_available``, for ``limit`` >= 1 and some queues;
+        in any order."""
 
     @abc.abstractmethod
     def job_finish_many(self, worker_id: str, outcomes: Sequence[Outcome]) -> set[int]:
@@ -217,11 +231,17 @@ class Backend(abc.ABC):
     ) -> list[Job]:
         """Jobs matching the filters, newest first."""
 
-    @abc.abstractmethod
     def job_cancel(self, job_id: int, reason: str = "cancelled by request") -> Job:
         """Waiting/queued/retrying -> cancelled at once; running -> cancel_requested (the worker
         delivers it); terminal -> unchanged. Returns the job after the change. Cancelling a job
         (like any job ending dead or cancelled) cancels the jobs waiting for it, transitively."""
+        job = self._one_job("cancel_pending", job_id, reason=reason)
+        job = job or self._one_job("cancel_running", job_id)
+        return job or self.job_get(job_id)
+
+    @abc.abstractmethod
+    def _one_job(self, query: str, job_id: int, **params: Any) -> Job | None:
+        """Run the named query (a write) for ``job_id``; the job it returns, if any."""
 
     @abc.abstractmethod
     def job_retry(self, job_id: int) -> Job:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import InvalidTransitionError, JobNotFoundError
-from ..job import JobState
+from ..job import Job, JobState
 from .base import NewJob
 
 FAILED = frozenset({JobState.DEAD.value, JobState.CANCELLED.value})
@@ -85,3 +85,26 @@ def retry_state(job_id: int, deps: Sequence[Dependency]) -> str:
                 f"retry job {dep.id} first"
             )
     return JobState.WAITING.value if any(d.blocking for d in deps) else JobState.QUEUED.value
+
+
+#: The (state, reason) of a new job that depends on nothing.
+NO_DEPENDENCIES: tuple[str, str | None] = ("queued", None)
+
+
+def plan(
+    jobs: Sequence[NewJob], found: Mapping[int, Dependency]
+) -> dict[int, tuple[str, str | None]]:
+    """{id(new job): (state, reason)} for the jobs with dependencies, given the states of every
+    job they name (read under a lock by the backend); JobNotFoundError for an unknown one."""
+    check_exist(jobs, found)
+    return {id(job): initial_state(job.depends_on, found) for job in jobs if job.depends_on}
+
+
+def edges(jobs: Sequence[NewJob], inserted: Sequence[Job]) -> list[tuple[int, int]]:
+    """(job id, dependency id) rows to record for the jobs actually inserted (not deduplicated)."""
+    return [
+        (job.id, dep)
+        for new, job in zip(jobs, inserted, strict=True)
+        if not job.deduplicated
+        for dep in new.depends_on
+    ]

@@ -5,12 +5,11 @@ from __future__ import annotations
 import logging
 from datetime import datetime
 
-from ..backends.base import Backend
+from ..backends.base import RESCUE_BATCH, Backend
 from ..job import Job
 from .batching import until_short_batch
 
 logger = logging.getLogger("conveyor.rescuer")
-_BATCH = 1000  # the backends rescue at most this many per statement
 
 
 class Rescuer:
@@ -22,7 +21,7 @@ class Rescuer:
 
     def run_once(self, now: datetime | None = None) -> list[Job]:
         """Rescue every job whose lease expired before ``now`` (default: the database clock)."""
-        rescued = until_short_batch(lambda: self.backend.job_rescue_stuck(now), _BATCH)
+        rescued = until_short_batch(lambda: self.backend.job_rescue_stuck(now), RESCUE_BATCH)
         for job in rescued:
             logger.warning("rescued job %s (%s): %s -> %s", job.id, job.task, job.error, job.state)
         return rescued

@@ -18,6 +18,7 @@ from ...job import Job, JobEvent, JobState
 from ...states import Outcome
 from ..base import (
     NEW_JOB_COLUMNS,
+    RESCUE_BATCH,
     Backend,
     NewJob,
     QueueStats,
@@ -29,11 +30,14 @@ from ..base import (
 )
 from ..dedupe import resolve_inserted
 from ..dependencies import (
+    NO_DEPENDENCIES,
     Dependency,
     all_dependency_ids,
-    check_exist,
-    initial_state,
+    edges,
     retry_state,
+)
+from ..dependencies import (
+    plan as plan_dependencies,
 )
 from ..migrate import POSTGRES_MIGRATIONS as MIGRATIONS
 from ..migrate import check_version
@@ -50,7 +54,6 @@ _MIGRATION_LOCK = 7262100439
 _MAINTENANCE_LOCKS = {"prune": 7262100440}
 QUERIES = sqlfile.load(__name__)
 _FLOAT_COLUMNS = ("delay", "deadline", "timeout")
-_QUEUED: tuple[str, str | None] = ("queued", None)
 
 
 def _configure(conn: Any) -> None:
@@ -176,14 +179,14 @@ class PostgresBackend(Backend):
             return self._insert_on(conn, jobs)
 
     def _insert_on(self, conn: Any, jobs: Sequence[NewJob]) -> list[Job]:
-        plan = self._initial_states(conn, jobs)
+        initial = self._initial_states(conn, jobs)
 
         def insert(batch: Sequence[NewJob]) -> list[Job]:
             cols = {name: [getattr(j, name) for j in batch] for name in NEW_JOB_COLUMNS}
             # each column is one typed array: 5 and 5.0 in one batch must both be floats
             for name in _FLOAT_COLUMNS:
                 cols[name] = [None if v is None else float(v) for v in cols[name]]
-            states = [plan.get(id(j), _QUEUED) for j in batch]
+            states = [initial.get(id(j), NO_DEPENDENCIES) for j in batch]
             cols["state"] = [state for state, _ in states]
             cols["reason"] = [reason for _, reason in states]
             with conn.cursor(row_factory=dict_row) as cur:
@@ -198,17 +201,12 @@ class PostgresBackend(Backend):
                 return [job_from_row(r) for r in cur.fetchall()]
 
         inserted = resolve_inserted(jobs, insert, find)
-        edges = [
-            (job.id, dep)
-            for new, job in zip(jobs, inserted, strict=True)
-            if not job.deduplicated
-            for dep in new.depends_on
-        ]
-        if edges:
+        pairs = edges(jobs, inserted)
+        if pairs:
             with conn.cursor() as cur:
                 cur.execute(
                     QUERIES["insert_dependencies"],
-                    {"job_id": [e[0] for e in edges], "depends_on": [e[1] for e in edges]},
+                    {"job_id": [e[0] for e in pairs], "depends_on": [e[1] for e in pairs]},
                 )
         return inserted
 
@@ -222,19 +220,11 @@ class PostgresBackend(Backend):
         with conn.cursor(row_factory=dict_row) as cur:
             cur.execute(QUERIES["lock_dependencies"], {"ids": ids})
             found = {r["id"]: Dependency.from_row(r) for r in cur.fetchall()}
-        check_exist(jobs, found)
-        return {id(job): initial_state(job.depends_on, found) for job in jobs if job.depends_on}
+        return plan_dependencies(jobs, found)
 
-    def job_fetch_available(
-        self, worker_id: str, queues: Sequence[str], limit: int, lease: float
-    ) -> list[Job]:
-        if limit <= 0 or not queues:
-            return []
-        jobs = self._jobs(
-            "claim", {"worker": worker_id, "queues": list(queues), "limit": limit, "lease": lease}
-        )
-        jobs.sort(key=lambda j: (-j.priority, j.run_at, j.id))
-        return jobs
+    def _claim(self, worker_id: str, queues: Sequence[str], limit: int, lease: float) -> list[Job]:
+        params = {"worker": worker_id, "queues": list(queues), "limit": limit, "lease": lease}
+        return self._jobs("claim", params)
 
     def job_finish_many(self, worker_id: str, outcomes: Sequence[Outcome]) -> set[int]:
         if not outcomes:
@@ -261,14 +251,12 @@ class PostgresBackend(Backend):
         return {r["id"]: bool(r["cancel_requested"]) for r in rows}
 
     def job_rescue_stuck(self, now: datetime | None = None) -> list[Job]:
-        return self._jobs("rescue_stuck", {"now": now})
+        return self._jobs("rescue_stuck", {"now": now, "limit": RESCUE_BATCH})
 
     def job_hand_back(self, worker_id: str, job_ids: Sequence[int]) -> int:
         if not job_ids:
             return 0
-        with self._conn() as conn:
-            cur = conn.execute(QUERIES["hand_back"], {"worker": worker_id, "ids": list(job_ids)})
-            return int(cur.rowcount)
+        return self._execute("hand_back", {"worker": worker_id, "ids": list(job_ids)})
 
     def job_get(self, job_id: int) -> Job:
         job = self._one_job("get_job", job_id)
@@ -287,16 +275,11 @@ class PostgresBackend(Backend):
             "list_jobs", {"state": state, "queue": queue, "task": task, "limit": limit}
         )
 
-    def job_cancel(self, job_id: int, reason: str = "cancelled by request") -> Job:
-        job = self._one_job("cancel_pending", job_id, reason=reason)
-        job = job or self._one_job("cancel_running", job_id)
-        return job or self.job_get(job_id)
-
     def job_retry(self, job_id: int) -> Job:
-        current = self.job_get(job_id)
         row = None
-        if current.state in ("dead", "cancelled"):
-            with self._conn() as conn, conn.transaction():
+        with self._conn() as conn, conn.transaction():
+            locked = conn.execute(QUERIES["lock_job"], {"id": job_id}).fetchone()
+            if locked is not None and locked["state"] in ("dead", "cancelled"):
                 deps = [
                     Dependency.from_row(r)
                     for r in conn.execute(QUERIES["lock_job_dependencies"], {"id": job_id})
@@ -333,7 +316,8 @@ class PostgresBackend(Backend):
     def job_events(self, job_id: int) -> list[JobEvent]:
         return [event_from_row(r) for r in self._all("job_events", {"id": job_id})]
 
-    def _rowcount(self, query: str, params: dict[str, Any]) -> int:
+    def _execute(self, query: str, params: dict[str, Any]) -> int:
+        """Run one named statement on a pooled connection; the rows it touched."""
         with self._conn() as conn:
             return int(conn.execute(QUERIES[query], params).rowcount)
 
@@ -341,12 +325,10 @@ class PostgresBackend(Backend):
         self, state: JobState, older_than: float, limit: int, now: datetime | None = None
     ) -> int:
         params = {"state": str(state), "age": float(older_than), "limit": limit, "now": now}
-        return self._rowcount("prune_jobs", params)
+        return self._execute("prune_jobs", params)
 
     def event_prune(self, older_than: float, limit: int, now: datetime | None = None) -> int:
-        return self._rowcount(
-            "prune_events", {"age": float(older_than), "limit": limit, "now": now}
-        )
+        return self._execute("prune_events", {"age": float(older_than), "limit": limit, "now": now})
 
     def leader_claim(
         self, name: str, holder: str, interval: float, now: datetime | None = None
@@ -369,29 +351,23 @@ class PostgresBackend(Backend):
 
     # -- queues, workers, stats -----------------------------------------------------------------
     def queue_configure(self, name: str, concurrency: int | None) -> None:
-        with self._conn() as conn:
-            conn.execute(QUERIES["configure_queue"], {"name": name, "limit": concurrency})
+        self._execute("configure_queue", {"name": name, "limit": concurrency})
 
     def worker_register(self, info: WorkerInfo) -> None:
-        with self._conn() as conn:
-            conn.execute(
-                QUERIES["register_worker"],
-                {
-                    "id": info.id,
-                    "host": info.host,
-                    "pid": info.pid,
-                    "queues": json.dumps(info.queues),
-                    "concurrency": info.concurrency,
-                },
-            )
+        params = {
+            "id": info.id,
+            "host": info.host,
+            "pid": info.pid,
+            "queues": json.dumps(info.queues),
+            "concurrency": info.concurrency,
+        }
+        self._execute("register_worker", params)
 
     def worker_heartbeat(self, worker_id: str) -> None:
-        with self._conn() as conn:
-            conn.execute(QUERIES["worker_seen"], {"id": worker_id})
+        self._execute("worker_seen", {"id": worker_id})
 
     def worker_deregister(self, worker_id: str) -> None:
-        with self._conn() as conn:
-            conn.execute(QUERIES["worker_stopped"], {"id": worker_id})
+        self._execute("worker_stopped", {"id": worker_id})
 
     def worker_list(self) -> list[WorkerInfo]:
         return [WorkerInfo(**r) for r in self._all("list_workers")]

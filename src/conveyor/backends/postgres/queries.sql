@@ -93,7 +93,7 @@ WITH stuck AS (
     SELECT id FROM conveyor_jobs
      WHERE state = 'running' AND lease_expires_at < coalesce(%(now)s::timestamptz, now())
      ORDER BY lease_expires_at
-     LIMIT 1000
+     LIMIT %(limit)s
        FOR UPDATE SKIP LOCKED
 ), rescued AS (
     SELECT j.id,

@@ -26,6 +26,7 @@ from ...job import Job, JobEvent, JobState
 from ...states import Outcome
 from ..base import (
     NEW_JOB_COLUMNS,
+    RESCUE_BATCH,
     Backend,
     NewJob,
     QueueStats,
@@ -37,11 +38,14 @@ from ..base import (
 )
 from ..dedupe import resolve_inserted
 from ..dependencies import (
+    NO_DEPENDENCIES,
     Dependency,
     all_dependency_ids,
-    check_exist,
-    initial_state,
+    edges,
     retry_state,
+)
+from ..dependencies import (
+    plan as plan_dependencies,
 )
 from ..migrate import SQLITE_MIGRATIONS as MIGRATIONS
 from ..migrate import check_version
@@ -118,11 +122,11 @@ def _job(row: sqlite3.Row) -> Job:
     return job_from_row(_convert(row))
 
 
-def _record(job: NewJob, plan: dict[int, tuple[str, str | None]]) -> dict[str, Any]:
+def _record(job: NewJob, initial: dict[int, tuple[str, str | None]]) -> dict[str, Any]:
     """One job as an object of the JSON array that ``insert_jobs`` reads."""
     record = {k: getattr(job, k) for k in NEW_JOB_COLUMNS}
     record["run_at"] = _from_time(job.run_at)
-    record["state"], record["reason"] = plan.get(id(job), ("queued", None))
+    record["state"], record["reason"] = initial.get(id(job), NO_DEPENDENCIES)
     return record
 
 
@@ -304,12 +308,12 @@ class SQLiteBackend(Backend):
             cur.row_factory = sqlite3.Row
             return cur.execute(QUERIES[query], params).fetchall()
 
-        plan = SQLiteBackend._initial_states(jobs, rows)
+        initial = SQLiteBackend._initial_states(jobs, rows)
 
         def insert(batch: Sequence[NewJob]) -> list[Job]:
             out: list[Job] = []
             for start in range(0, len(batch), _INSERT_CHUNK):
-                records = [_record(job, plan) for job in batch[start : start + _INSERT_CHUNK]]
+                records = [_record(job, initial) for job in batch[start : start + _INSERT_CHUNK]]
                 out.extend(_job(r) for r in rows("insert_jobs", {"jobs": json.dumps(records)}))
             return out
 
@@ -318,12 +322,7 @@ class SQLiteBackend(Backend):
             return [_job(r) for r in rows("find_duplicates", params)]
 
         inserted = resolve_inserted(jobs, insert, find)
-        pairs = [
-            [job.id, dep]
-            for new, job in zip(jobs, inserted, strict=True)
-            if not job.deduplicated
-            for dep in new.depends_on
-        ]
+        pairs = edges(jobs, inserted)
         if pairs:
             rows("insert_dependencies", {"pairs": json.dumps(pairs)})
         return inserted
@@ -345,14 +344,9 @@ class SQLiteBackend(Backend):
                 for r in rows("dependency_states", {"ids": json.dumps(ids)})
             )
         }
-        check_exist(jobs, found)
-        return {id(job): initial_state(job.depends_on, found) for job in jobs if job.depends_on}
+        return plan_dependencies(jobs, found)
 
-    def job_fetch_available(
-        self, worker_id: str, queues: Sequence[str], limit: int, lease: float
-    ) -> list[Job]:
-        if limit <= 0 or not queues:
-            return []
+    def _claim(self, worker_id: str, queues: Sequence[str], limit: int, lease: float) -> list[Job]:
         qjson = json.dumps(list(queues))
         with self._connection() as conn:
             # A read first: an idle poll must not take the write lock that enqueuers need.
@@ -380,9 +374,7 @@ class SQLiteBackend(Backend):
             params = {"worker": worker_id, "lease": lease, "ids": ids}
             return conn.execute(QUERIES["claim"], params).fetchall()
 
-        jobs = [_job(r) for r in self._write(claim)]
-        jobs.sort(key=lambda j: (-j.priority, j.run_at, j.id))
-        return jobs
+        return [_job(r) for r in self._write(claim)]
 
     @classmethod
     def _any_due(cls, conn: sqlite3.Connection, qjson: str, queues: Sequence[str]) -> bool:
@@ -429,7 +421,8 @@ class SQLiteBackend(Backend):
         return {r["id"]: bool(r["cancel_requested"]) for r in self._write_rows("heartbeat", params)}
 
     def job_rescue_stuck(self, now: datetime | None = None) -> list[Job]:
-        return [_job(r) for r in self._write_rows("rescue_stuck", {"now": _from_time(now)})]
+        params = {"now": _from_time(now), "limit": RESCUE_BATCH}
+        return [_job(r) for r in self._write_rows("rescue_stuck", params)]
 
     def job_hand_back(self, worker_id: str, job_ids: Sequence[int]) -> int:
         if not job_ids:
@@ -456,11 +449,6 @@ class SQLiteBackend(Backend):
     ) -> list[Job]:
         params = {"state": state, "queue": queue, "task": task, "limit": limit}
         return [_job(r) for r in self._read("list_jobs", params)]
-
-    def job_cancel(self, job_id: int, reason: str = "cancelled by request") -> Job:
-        job = self._one_job("cancel_pending", job_id, reason=reason)
-        job = job or self._one_job("cancel_running", job_id)
-        return job or self.job_get(job_id)
 
     def job_retry(self, job_id: int) -> Job:
         def retry(conn: sqlite3.Connection) -> sqlite3.Row | None:

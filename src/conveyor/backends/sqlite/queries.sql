@@ -178,7 +178,7 @@ WITH stuck AS (
       FROM conveyor_jobs
      WHERE state = 'running' AND lease_expires_at < coalesce(:now, {now})
      ORDER BY lease_expires_at
-     LIMIT 1000
+     LIMIT :limit
 )
 UPDATE conveyor_jobs AS j
    SET state = s.new_state,
