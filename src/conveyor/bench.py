@@ -212,7 +212,11 @@ def phase_drain(url: str, log: str, s: BenchSettings) -> float:
     return s.jobs / (t_end - t_first)
 
 
-def phase_latency(driver: Conveyor, url: str, log: str, s: BenchSettings) -> list[float]:
+def phase_latency(
+    driver: Conveyor, url: str, log: str, s: BenchSettings
+) -> tuple[list[float], list[tuple[int, float]]]:
+    """Sorted pickup latencies (ms), and every execution logged so far, read once the worker
+    has stopped (no process writes the logs after that)."""
     base = s.jobs
     procs = _start_workers(url, log, s, 1)
     try:
@@ -234,8 +238,9 @@ def phase_latency(driver: Conveyor, url: str, log: str, s: BenchSettings) -> lis
         _wait_for(lambda: set(started) <= {n for n, _ in _executions(log)}, 60, "latency jobs")
     finally:
         _stop(procs)
-    ran = dict(_executions(log))
-    return sorted((ran[n] - t) * 1000 for n, t in started.items())
+    rows = _executions(log)
+    ran = dict(rows)
+    return sorted((ran[n] - t) * 1000 for n, t in started.items()), rows
 
 
 def _percentile(values: list[float], p: float) -> float:
@@ -255,8 +260,8 @@ def run_bench(s: BenchSettings) -> dict[str, Any]:
             driver.migrate()
             enqueue_per_s = phase_enqueue(driver, s.jobs)
             drain_per_s = phase_drain(url, log, s)
-            latencies = phase_latency(driver, url, log, s)
-            counts = Counter(n for n, _ in _executions(log))
+            latencies, executions = phase_latency(driver, url, log, s)
+            counts = Counter(n for n, _ in executions)
             driver.close()
     finally:
         shutil.rmtree(logdir, ignore_errors=True)

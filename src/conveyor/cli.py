@@ -7,6 +7,7 @@ print as one line on stderr and exit 1; anything else is a bug and keeps its tra
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import json
 import logging
@@ -14,7 +15,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 from rich.console import Console
@@ -27,7 +28,6 @@ from .pipelines import Pipeline, PipelineState
 from .services.pruner import Pruner
 from .worker import Worker
 
-F = TypeVar("F", bound=Callable[..., Any])
 console = Console()
 
 
@@ -57,18 +57,44 @@ def resolve_app(database: str | None, app_spec: str | None) -> Conveyor:
     return Conveyor(database)
 
 
-def database_options(fn: F) -> F:
-    fn = click.option(
-        "--app", "app_spec", metavar="MODULE:APP", help="Import the app (its tasks and database)."
-    )(fn)
-    return click.option(
-        "--database",
-        "-d",
-        envvar="CONVEYOR_DATABASE_URL",
-        metavar="URL",
-        help="sqlite:///file.db or postgresql://... (default: $CONVEYOR_DATABASE_URL, the app's, "
-        "else sqlite:///conveyor.db)",
-    )(fn)
+def with_app(
+    require_app: bool = False,
+    pass_app_given: bool = False,
+    setup: Callable[[dict[str, Any]], None] | None = None,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add --database/--app to a command and pass it ``app=resolve_app(database, app_spec)``.
+
+    ``require_app``: fail unless --app is given (the worker's check); ``pass_app_given``: also
+    pass ``app_given``; ``setup(kwargs)`` runs before the app is imported (e.g. logging config).
+    """
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def command(*args: Any, database: str | None, app_spec: str | None, **kwargs: Any) -> Any:
+            if require_app and not app_spec:
+                raise ConfigurationError("worker needs --app module:app (the tasks to run)")
+            if pass_app_given:
+                kwargs["app_given"] = bool(app_spec)
+            if setup is not None:
+                setup(kwargs)
+            return fn(*args, app=resolve_app(database, app_spec), **kwargs)
+
+        wrapped = click.option(
+            "--app",
+            "app_spec",
+            metavar="MODULE:APP",
+            help="Import the app (its tasks and database).",
+        )(command)
+        return click.option(
+            "--database",
+            "-d",
+            envvar="CONVEYOR_DATABASE_URL",
+            metavar="URL",
+            help="sqlite:///file.db or postgresql://... (default: $CONVEYOR_DATABASE_URL, the "
+            "app's, else sqlite:///conveyor.db)",
+        )(wrapped)
+
+    return decorate
 
 
 class _Group(click.Group):
@@ -90,10 +116,9 @@ def main() -> None:
 
 
 @main.command()
-@database_options
-def migrate(database: str | None, app_spec: str | None) -> None:
+@with_app()
+def migrate(app: Conveyor) -> None:
     """Create or upgrade the Conveyor schema (safe to run repeatedly and concurrently)."""
-    app = resolve_app(database, app_spec)
     applied = app.migrate()
     version = app.raw_backend.schema_version()
     if applied:
@@ -103,7 +128,7 @@ def migrate(database: str | None, app_spec: str | None) -> None:
 
 
 @main.command()
-@database_options
+@with_app(require_app=True, setup=lambda kw: _configure_logging(kw["log_level"]))
 @click.option("--queues", "-q", help="Comma-separated queues (default: every queue the app names).")
 @click.option("--concurrency", "-c", default=10, show_default=True, type=click.IntRange(min=1))
 @click.option(
@@ -122,8 +147,7 @@ def migrate(database: str | None, app_spec: str | None) -> None:
 )
 @click.option("--log-level", default="INFO", show_default=True)
 def worker(
-    database: str | None,
-    app_spec: str | None,
+    app: Conveyor,
     queues: str | None,
     concurrency: int,
     lease: float,
@@ -134,12 +158,6 @@ def worker(
 ) -> None:
     """Run jobs. SIGTERM/SIGINT: stop claiming, finish within --grace, hand the rest back;
     a second signal exits at once."""
-    if not app_spec:
-        raise ConfigurationError("worker needs --app module:app (the tasks to run)")
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    app = resolve_app(database, app_spec)
     queue_list = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
     w = Worker(
         app,
@@ -158,6 +176,13 @@ def worker(
     os._exit(
         0
     )  # sync tasks abandoned at shutdown may still hold threads; their jobs are handed back
+
+
+def _configure_logging(log_level: str) -> None:
+    # before the app is imported, so that its import-time logging is configured too
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
 async def _run_until_signalled(w: Worker) -> None:
@@ -197,7 +222,7 @@ async def _run_until_signalled(w: Worker) -> None:
 
 
 @main.command()
-@database_options
+@with_app(pass_app_given=True)
 @click.argument("task")
 @click.option("--args", "args_json", default="[]", show_default=True, help="JSON array.")
 @click.option("--kwargs", "kwargs_json", default="{}", show_default=True, help="JSON object.")
@@ -212,8 +237,8 @@ async def _run_until_signalled(w: Worker) -> None:
     "--depends-on", metavar="IDS", help="Comma-separated ids of jobs that must succeed first."
 )
 def enqueue(
-    database: str | None,
-    app_spec: str | None,
+    app: Conveyor,
+    app_given: bool,
     task: str,
     args_json: str,
     kwargs_json: str,
@@ -223,11 +248,10 @@ def enqueue(
     """Enqueue TASK. With --app the task must be registered (its options apply)."""
     args = _json_arg("--args", args_json, list)
     kwargs = _json_arg("--kwargs", kwargs_json, dict)
-    app = resolve_app(database, app_spec)
     opts = {k: v for k, v in options.items() if v is not None}
     if depends_on is not None:
         opts["depends_on"] = _ids_arg("--depends-on", depends_on)
-    if app_spec:
+    if app_given:
         registered = app.get_task(task)
         job = registered.options(**opts).enqueue(*args, **kwargs)
     else:
@@ -256,11 +280,10 @@ def _json_arg(flag: str, text: str, kind: type) -> Any:
 
 
 @main.command()
-@database_options
+@with_app()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def stats(database: str | None, app_spec: str | None, as_json: bool) -> None:
+def stats(app: Conveyor, as_json: bool) -> None:
     """Per queue: jobs per state, age of the oldest due job, running jobs."""
-    app = resolve_app(database, app_spec)
     rows = app.stats()
     if as_json:
         click.echo(json.dumps([stats_dict(s) for s in rows], indent=2))
@@ -298,15 +321,14 @@ def jobs() -> None:
 
 
 @jobs.command("list")
-@database_options
+@with_app()
 @click.option("--state", type=click.Choice([s.value for s in JobState]))
 @click.option("--queue")
 @click.option("--task")
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10_000))
 @click.option("--json", "as_json", is_flag=True)
 def jobs_list(
-    database: str | None,
-    app_spec: str | None,
+    app: Conveyor,
     state: str | None,
     queue: str | None,
     task: str | None,
@@ -314,9 +336,7 @@ def jobs_list(
     as_json: bool,
 ) -> None:
     """List jobs, newest first."""
-    rows = resolve_app(database, app_spec).list_jobs(
-        state=state, queue=queue, task=task, limit=limit
-    )
+    rows = app.list_jobs(state=state, queue=queue, task=task, limit=limit)
     if as_json:
         click.echo(json.dumps([job_dict(j) for j in rows], indent=2, default=str))
         return
@@ -346,12 +366,11 @@ def job_dict(job: Job) -> dict[str, Any]:
 
 
 @jobs.command("show")
-@database_options
+@with_app()
 @click.argument("job_id", type=int)
 @click.option("--json", "as_json", is_flag=True)
-def jobs_show(database: str | None, app_spec: str | None, job_id: int, as_json: bool) -> None:
+def jobs_show(app: Conveyor, job_id: int, as_json: bool) -> None:
     """Everything about one job, with its error history and its history of transitions."""
-    app = resolve_app(database, app_spec)
     job = app.get_job(job_id)
     history = app.job_history(job_id)
     data = job_dict(job)
@@ -362,8 +381,7 @@ def jobs_show(database: str | None, app_spec: str | None, job_id: int, as_json: 
         return
     errors = data.pop("errors")
     data.pop("last_error")
-    for key, value in data.items():
-        click.echo(f"{key:>18}: {value}")
+    _print_fields(data, 18)
     for entry in errors:
         click.echo(
             f"\nattempt {entry.get('attempt')} at {entry.get('at')} [{entry.get('kind')}]: {entry.get('message')}"
@@ -373,6 +391,11 @@ def jobs_show(database: str | None, app_spec: str | None, job_id: int, as_json: 
     click.echo("\nhistory:")
     for event in history:
         click.echo(event_line(event))
+
+
+def _print_fields(data: dict[str, Any], width: int) -> None:
+    for key, value in data.items():
+        click.echo(f"{key:>{width}}: {value}")
 
 
 def event_dict(event: JobEvent) -> dict[str, Any]:
@@ -399,20 +422,20 @@ def event_line(event: JobEvent) -> str:
 
 
 @jobs.command("retry")
-@database_options
+@with_app()
 @click.argument("job_id", type=int)
-def jobs_retry(database: str | None, app_spec: str | None, job_id: int) -> None:
+def jobs_retry(app: Conveyor, job_id: int) -> None:
     """Queue a dead or cancelled job again (attempts reset, history kept)."""
-    job = resolve_app(database, app_spec).retry_job(job_id)
+    job = app.retry_job(job_id)
     click.echo(f"job {job.id} {job.state}")
 
 
 @jobs.command("cancel")
-@database_options
+@with_app()
 @click.argument("job_id", type=int)
-def jobs_cancel(database: str | None, app_spec: str | None, job_id: int) -> None:
+def jobs_cancel(app: Conveyor, job_id: int) -> None:
     """Cancel a waiting job, or ask its worker to cancel a running one."""
-    job = resolve_app(database, app_spec).cancel_job(job_id)
+    job = app.cancel_job(job_id)
     extra = " (cancellation requested from its worker)" if job.cancel_requested else ""
     click.echo(f"job {job.id} {job.state}{extra}")
 
@@ -423,15 +446,14 @@ def pipelines() -> None:
 
 
 @pipelines.command("list")
-@database_options
+@with_app()
 @click.option("--state", type=click.Choice([s.value for s in PipelineState]))
 @click.option("--name", help="Only pipelines of this name.")
 @click.option("--entity", help="Only pipelines about this entity.")
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10_000))
 @click.option("--json", "as_json", is_flag=True)
 def pipelines_list(
-    database: str | None,
-    app_spec: str | None,
+    app: Conveyor,
     state: str | None,
     name: str | None,
     entity: str | None,
@@ -439,9 +461,7 @@ def pipelines_list(
     as_json: bool,
 ) -> None:
     """List pipelines, newest first, with their current step."""
-    rows = resolve_app(database, app_spec).list_pipelines(
-        state=state, name=name, entity=entity, limit=limit
-    )
+    rows = app.list_pipelines(state=state, name=name, entity=entity, limit=limit)
     if as_json:
         click.echo(json.dumps([pipeline_dict(p) for p in rows], indent=2, default=str))
         return
@@ -487,14 +507,11 @@ def pipeline_dict(p: Pipeline) -> dict[str, Any]:
 
 
 @pipelines.command("show")
-@database_options
+@with_app()
 @click.argument("pipeline_id", type=int)
 @click.option("--json", "as_json", is_flag=True)
-def pipelines_show(
-    database: str | None, app_spec: str | None, pipeline_id: int, as_json: bool
-) -> None:
+def pipelines_show(app: Conveyor, pipeline_id: int, as_json: bool) -> None:
     """One pipeline: its state, and each step with its job."""
-    app = resolve_app(database, app_spec)
     pipeline = app.get_pipeline(pipeline_id)
     jobs = app.pipeline_jobs(pipeline_id)
     # One job per step that ran, in order, the last one the current step's (old ones may have
@@ -510,13 +527,7 @@ def pipelines_show(
                 "task": spec.task,
                 "queue": spec.queue,
                 "deadline": spec.deadline,
-                "job_id": None if job is None else job.id,
-                "state": None if job is None else job.state.value,
-                "attempt": None if job is None else job.attempt,
-                "snoozes": None if job is None else job.snoozes,
-                "started_at": None if job is None else job.started_at,
-                "finished_at": None if job is None else job.finished_at,
-                "error": None if job is None else job.error,
+                **_step_job_fields(job),
             }
         )
     data = pipeline_dict(pipeline)
@@ -525,8 +536,7 @@ def pipelines_show(
         click.echo(json.dumps(data, indent=2, default=str))
         return
     data.pop("steps")
-    for key, value in data.items():
-        click.echo(f"{key:>16}: {value}")
+    _print_fields(data, 16)
     click.echo("\nsteps:")
     for i, step in enumerate(steps):
         mark = ">" if i == pipeline.current_step and not pipeline.state.terminal else " "
@@ -543,22 +553,37 @@ def pipelines_show(
         click.echo(line)
 
 
+def _step_job_fields(job: Job | None) -> dict[str, Any]:
+    """A pipeline step's job columns; all None for a step that has not run."""
+    if job is None:
+        names = ("job_id", "state", "attempt", "snoozes", "started_at", "finished_at", "error")
+        return dict.fromkeys(names)
+    return {
+        "job_id": job.id,
+        "state": job.state.value,
+        "attempt": job.attempt,
+        "snoozes": job.snoozes,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "error": job.error,
+    }
+
+
 @pipelines.command("cancel")
-@database_options
+@with_app()
 @click.argument("pipeline_id", type=int)
-def pipelines_cancel(database: str | None, app_spec: str | None, pipeline_id: int) -> None:
+def pipelines_cancel(app: Conveyor, pipeline_id: int) -> None:
     """Cancel a running pipeline and its current step's job."""
-    pipeline = resolve_app(database, app_spec).cancel_pipeline(pipeline_id)
+    pipeline = app.cancel_pipeline(pipeline_id)
     click.echo(f"pipeline {pipeline.id} {pipeline.state} at step {pipeline.step}")
 
 
 @main.command()
-@database_options
+@with_app()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def prune(database: str | None, app_spec: str | None, as_json: bool) -> None:
+def prune(app: Conveyor, as_json: bool) -> None:
     """Delete finished jobs and history past the app's retention now (workers also do this
     periodically). With --app, its Conveyor(retention=...) applies; else the defaults."""
-    app = resolve_app(database, app_spec)
     result = Pruner(app.backend, app.retention).run_once()
     if as_json:
         data = {"jobs": result.jobs, "events": result.events, "skipped": result.skipped}
