@@ -37,6 +37,14 @@ from .states import Backoff, BackoffPolicy
 P = ParamSpec("P")
 R = TypeVar("R")
 FlowRecord = TypeVar("FlowRecord", "Pipeline", "Batch")
+#: What waiting for a pipeline or batch needs: its key, how to read it, when it is ready, and
+#: the error once the time ran out (the arguments of ``Watcher.until`` but the timeout).
+FlowWaiting = tuple[
+    str,
+    Callable[[], FlowRecord],
+    Callable[[FlowRecord], bool],
+    Callable[[FlowRecord], Exception],
+]
 
 DEFAULT_URL = "sqlite:///conveyor.db"
 #: How often each worker checks running pipelines' step deadlines (services/watchdog.py).
@@ -450,24 +458,28 @@ class Conveyor:
     def pipeline_result(self, pipeline_id: int, timeout: float | None = None) -> Any:
         """Wait (at most ``timeout`` s; None: for ever) for the pipeline to finish; the last
         step's result. PipelineFailedError if it failed or was cancelled, TimeoutError."""
-        return _pipeline_outcome(self._wait_pipeline(pipeline_id, timeout, None))
+        return _pipeline_outcome(
+            self._wait_flow(self._pipeline_waiting(pipeline_id, timeout, None), timeout)
+        )
 
     async def pipeline_result_async(self, pipeline_id: int, timeout: float | None = None) -> Any:
-        return _pipeline_outcome(await self._wait_pipeline_async(pipeline_id, timeout, None))
+        waiting = self._pipeline_waiting(pipeline_id, timeout, None)
+        return _pipeline_outcome(await self._wait_flow_async(waiting, timeout))
 
     def wait_pipeline_change(self, since: Pipeline, timeout: float | None = None) -> Pipeline:
         """Wait until the pipeline moved on from the snapshot ``since`` (another step, or
         finished); the new snapshot. TimeoutError if it did not within ``timeout`` seconds."""
-        return self._wait_pipeline(since.id, timeout, since)
+        return self._wait_flow(self._pipeline_waiting(since.id, timeout, since), timeout)
 
     async def wait_pipeline_change_async(
         self, since: Pipeline, timeout: float | None = None
     ) -> Pipeline:
-        return await self._wait_pipeline_async(since.id, timeout, since)
+        waiting = self._pipeline_waiting(since.id, timeout, since)
+        return await self._wait_flow_async(waiting, timeout)
 
     def _pipeline_waiting(
         self, pipeline_id: int, timeout: float | None, since: Pipeline | None
-    ) -> tuple[Callable[[], Pipeline], Callable[[Pipeline], bool], Callable[[Pipeline], Exception]]:
+    ) -> FlowWaiting[Pipeline]:
         def ready(now: Pipeline) -> bool:
             return now.state.terminal if since is None else pipeline_moved(since, now)
 
@@ -477,22 +489,10 @@ class Conveyor:
                 f"after {timeout:g} s"
             )
 
-        return (lambda: self.flows.pipeline_get(pipeline_id)), ready, timed_out
+        def read() -> Pipeline:
+            return self.flows.pipeline_get(pipeline_id)
 
-    def _wait_pipeline(
-        self, pipeline_id: int, timeout: float | None, since: Pipeline | None
-    ) -> Pipeline:
-        read, ready, timed_out = self._pipeline_waiting(pipeline_id, timeout, since)
-        key = pipeline_key(pipeline_id)
-        return self._bind_flow(self._flow_waiter.until(key, read, ready, timeout, timed_out))
-
-    async def _wait_pipeline_async(
-        self, pipeline_id: int, timeout: float | None, since: Pipeline | None
-    ) -> Pipeline:
-        read, ready, timed_out = self._pipeline_waiting(pipeline_id, timeout, since)
-        key = pipeline_key(pipeline_id)
-        found = await self._flow_waiter.until_async(key, read, ready, timeout, timed_out)
-        return self._bind_flow(found)
+        return pipeline_key(pipeline_id), read, ready, timed_out
 
     # -- batches --------------------------------------------------------------------------------
     def batch(
@@ -534,22 +534,22 @@ class Conveyor:
     def batch_result(self, batch_id: int, timeout: float | None = None) -> Batch:
         """Wait (at most ``timeout`` s; None: for ever) until every job of the batch finished;
         the completed batch. TimeoutError if the time ran out first."""
-        return self._wait_batch(batch_id, timeout, None)
+        return self._wait_flow(self._batch_waiting(batch_id, timeout, None), timeout)
 
     async def batch_result_async(self, batch_id: int, timeout: float | None = None) -> Batch:
-        return await self._wait_batch_async(batch_id, timeout, None)
+        return await self._wait_flow_async(self._batch_waiting(batch_id, timeout, None), timeout)
 
     def wait_batch_change(self, since: Batch, timeout: float | None = None) -> Batch:
         """Wait until a job of the batch finished (or it completed) since the snapshot
         ``since``; the new snapshot. TimeoutError if none did within ``timeout`` seconds."""
-        return self._wait_batch(since.id, timeout, since)
+        return self._wait_flow(self._batch_waiting(since.id, timeout, since), timeout)
 
     async def wait_batch_change_async(self, since: Batch, timeout: float | None = None) -> Batch:
-        return await self._wait_batch_async(since.id, timeout, since)
+        return await self._wait_flow_async(self._batch_waiting(since.id, timeout, since), timeout)
 
     def _batch_waiting(
         self, batch_id: int, timeout: float | None, since: Batch | None
-    ) -> tuple[Callable[[], Batch], Callable[[Batch], bool], Callable[[Batch], Exception]]:
+    ) -> FlowWaiting[Batch]:
         def ready(now: Batch) -> bool:
             return now.complete if since is None else batch_moved(since, now)
 
@@ -559,20 +559,21 @@ class Conveyor:
                 f"after {timeout:g} s"
             )
 
-        return (lambda: self.flows.batch_get(batch_id)), ready, timed_out
+        def read() -> Batch:
+            return self.flows.batch_get(batch_id)
 
-    def _wait_batch(self, batch_id: int, timeout: float | None, since: Batch | None) -> Batch:
-        read, ready, timed_out = self._batch_waiting(batch_id, timeout, since)
-        key = batch_key(batch_id)
+        return batch_key(batch_id), read, ready, timed_out
+
+    # -- waiting for pipelines and batches ------------------------------------------------------
+    def _wait_flow(self, waiting: FlowWaiting[FlowRecord], timeout: float | None) -> FlowRecord:
+        key, read, ready, timed_out = waiting
         return self._bind_flow(self._flow_waiter.until(key, read, ready, timeout, timed_out))
 
-    async def _wait_batch_async(
-        self, batch_id: int, timeout: float | None, since: Batch | None
-    ) -> Batch:
-        read, ready, timed_out = self._batch_waiting(batch_id, timeout, since)
-        found = await self._flow_waiter.until_async(
-            batch_key(batch_id), read, ready, timeout, timed_out
-        )
+    async def _wait_flow_async(
+        self, waiting: FlowWaiting[FlowRecord], timeout: float | None
+    ) -> FlowRecord:
+        key, read, ready, timed_out = waiting
+        found = await self._flow_waiter.until_async(key, read, ready, timeout, timed_out)
         return self._bind_flow(found)
 
     def _bind_flow(self, record: FlowRecord) -> FlowRecord:

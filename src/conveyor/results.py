@@ -33,6 +33,8 @@ POLL_GROWTH = 1.5
 POLL_MAX = 0.5
 
 Waker = Callable[[], None]
+K = TypeVar("K", bound=Hashable)
+T = TypeVar("T")
 
 
 def outcome(job: Job) -> Any:
@@ -50,12 +52,21 @@ def _deadline(timeout: float | None) -> float | None:
     return time.monotonic() + timeout
 
 
+def _pause(
+    delay: float, deadline: float | None, value: T, timed_out: Callable[[T], Exception]
+) -> float:
+    """How long to wait before reading again: ``delay``, cut to what is left before
+    ``deadline``; raises ``timed_out(value)`` when nothing is left."""
+    pause = delay if deadline is None else min(delay, deadline - time.monotonic())
+    if pause <= 0:
+        raise timed_out(value)
+    return pause
+
+
 def _timed_out(job: Job, timeout: float | None) -> TimeoutError:
     return TimeoutError(f"job {job.id} ({job.task}) is still {job.state.value} after {timeout:g} s")
 
 
-K = TypeVar("K", bound=Hashable)
-T = TypeVar("T")
 #: Start a backend's push: ``subscribe(on_keys, on_gap)`` returns a stop function, or None when
 #: the backend cannot push.
 Subscribe = Callable[[Callable[[Iterable[K]], None], Callable[[], None]], Callable[[], None] | None]
@@ -144,10 +155,7 @@ class Watcher(Generic[K]):
                 value = read()
                 if ready(value):
                     return value
-                pause = delay if deadline is None else min(delay, deadline - time.monotonic())
-                if pause <= 0:
-                    raise timed_out(value)
-                event.wait(pause)
+                event.wait(_pause(delay, deadline, value, timed_out))
                 event.clear()
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -175,9 +183,7 @@ class Watcher(Generic[K]):
                 value = await asyncio.to_thread(read)
                 if ready(value):
                     return value
-                pause = delay if deadline is None else min(delay, deadline - time.monotonic())
-                if pause <= 0:
-                    raise timed_out(value)
+                pause = _pause(delay, deadline, value, timed_out)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), pause)
                 event.clear()
@@ -192,18 +198,17 @@ class JobWaiter(Watcher[int]):
 
     def wait(self, job_id: int, timeout: float | None = None) -> Job:
         """The job once it is terminal (JobNotFoundError if it does not exist, TimeoutError)."""
-        return self.until(
-            job_id,
-            lambda: self._app.backend.job_get(job_id),
-            lambda job: job.state.terminal,
-            timeout,
-            lambda job: _timed_out(job, timeout),
-        )
+        return self.until(job_id, *self._waiting(job_id, timeout))
 
     async def wait_async(self, job_id: int, timeout: float | None = None) -> Job:
         """:meth:`wait` for a coroutine: the loop never blocks on the database or a sleep."""
-        return await self.until_async(
-            job_id,
+        return await self.until_async(job_id, *self._waiting(job_id, timeout))
+
+    def _waiting(
+        self, job_id: int, timeout: float | None
+    ) -> tuple[Callable[[], Job], Callable[[Job], bool], float | None, Callable[[Job], Exception]]:
+        """The arguments of ``until`` after the key: read the job, until terminal."""
+        return (
             lambda: self._app.backend.job_get(job_id),
             lambda job: job.state.terminal,
             timeout,

@@ -15,7 +15,14 @@ from datetime import datetime
 from typing import Any
 
 from ..job import Job
-from ..pipelines import Batch, JobSpec, Pipeline, PipelineState
+from ..pipelines import (
+    Batch,
+    BatchNotFoundError,
+    JobSpec,
+    Pipeline,
+    PipelineNotFoundError,
+    PipelineState,
+)
 from .base import Backend, NewJob
 
 #: Overdue steps handled per call of ``pipeline_expire_steps``.
@@ -23,7 +30,17 @@ EXPIRE_BATCH = 1000
 
 
 class FlowStore(abc.ABC):
-    """Pipelines and batches of one backend."""
+    """Pipelines and batches of one backend. A backend implements the writes and two read
+    primitives, ``_rows`` and ``_jobs``; the reads are built on them here."""
+
+    # -- read primitives ------------------------------------------------------------------------
+    @abc.abstractmethod
+    def _rows(self, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """The rows of the named query, with Python types (times, decoded JSON)."""
+
+    @abc.abstractmethod
+    def _jobs(self, query: str, params: dict[str, Any]) -> list[Job]:
+        """The jobs the named query selects."""
 
     # -- pipelines ------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -43,11 +60,13 @@ class FlowStore(abc.ABC):
         cancelled or deleted fails it ("step X exceeded its N s deadline (started HH:MM:SS)" when
         the job died of its deadline)."""
 
-    @abc.abstractmethod
     def pipeline_get(self, pipeline_id: int) -> Pipeline:
         """The pipeline, or PipelineNotFoundError."""
+        rows = self._rows("get_pipeline", {"id": pipeline_id})
+        if not rows:
+            raise PipelineNotFoundError(f"no pipeline with id {pipeline_id}")
+        return pipeline_from_row(rows[0])
 
-    @abc.abstractmethod
     def pipeline_list(
         self,
         state: str | None = None,
@@ -56,10 +75,12 @@ class FlowStore(abc.ABC):
         limit: int = 100,
     ) -> list[Pipeline]:
         """Pipelines matching the filters, newest first."""
+        params = {"state": state, "name": name, "entity": entity, "limit": limit}
+        return [pipeline_from_row(r) for r in self._rows("list_pipelines", params)]
 
-    @abc.abstractmethod
     def pipeline_jobs(self, pipeline_id: int) -> list[Job]:
         """The jobs of its steps so far, in order (pruned ones are gone)."""
+        return self._jobs("pipeline_jobs", {"id": pipeline_id})
 
     @abc.abstractmethod
     def pipeline_cancel(self, pipeline_id: int, reason: str) -> Pipeline:
@@ -88,13 +109,16 @@ class FlowStore(abc.ABC):
         exactly once, also when the last two jobs finish at once on different workers. A batch
         whose jobs all ended at insert (or an empty one) completes at once."""
 
-    @abc.abstractmethod
     def batch_get(self, batch_id: int) -> Batch:
         """The batch, or BatchNotFoundError."""
+        rows = self._rows("get_batch", {"id": batch_id})
+        if not rows:
+            raise BatchNotFoundError(f"no batch with id {batch_id}")
+        return batch_from_row(rows[0])
 
-    @abc.abstractmethod
     def batch_jobs(self, batch_id: int) -> list[Job]:
         """The batch's jobs, in order (pruned ones are gone)."""
+        return self._jobs("batch_jobs", {"id": batch_id})
 
     # -- status subscriptions -------------------------------------------------------------------
     def watch_flows(

@@ -16,15 +16,9 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from ...job import Job
-from ...pipelines import (
-    Batch,
-    BatchNotFoundError,
-    JobSpec,
-    Pipeline,
-    PipelineNotFoundError,
-)
+from ...pipelines import Batch, JobSpec, Pipeline, PipelineNotFoundError
 from ..base import NewJob, job_from_row
-from ..flows import EXPIRE_BATCH, FlowStore, batch_from_row, pipeline_from_row
+from ..flows import EXPIRE_BATCH, FlowStore
 from . import QUERIES
 
 if TYPE_CHECKING:
@@ -32,15 +26,17 @@ if TYPE_CHECKING:
 
 #: Notified with 'p<id>' / 'b<id>' when a pipeline or batch changes (trigger conveyor_notify_flow).
 FLOW_CHANNEL = "conveyor_flow_state"
-_TERMINAL = ("succeeded", "dead", "cancelled")
 
 
 class PostgresFlows(FlowStore):
     def __init__(self, backend: PostgresBackend) -> None:
         self.backend = backend
 
-    def _all(self, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    def _rows(self, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         return self.backend._all(query, params)
+
+    def _jobs(self, query: str, params: dict[str, Any]) -> list[Job]:
+        return [job_from_row(r) for r in self.backend._all(query, params)]
 
     # -- pipelines ------------------------------------------------------------------------------
     def pipeline_start(
@@ -59,25 +55,6 @@ class PostgresFlows(FlowStore):
             job_id = conn.execute(QUERIES["enqueue_first_step"], params).fetchone()["job_id"]
             conn.execute(QUERIES["set_pipeline_job"], {"id": pipeline_id, "job_id": job_id})
         return self.pipeline_get(pipeline_id)
-
-    def pipeline_get(self, pipeline_id: int) -> Pipeline:
-        rows = self._all("get_pipeline", {"id": pipeline_id})
-        if not rows:
-            raise PipelineNotFoundError(f"no pipeline with id {pipeline_id}")
-        return pipeline_from_row(rows[0])
-
-    def pipeline_list(
-        self,
-        state: str | None = None,
-        name: str | None = None,
-        entity: str | None = None,
-        limit: int = 100,
-    ) -> list[Pipeline]:
-        params = {"state": state, "name": name, "entity": entity, "limit": limit}
-        return [pipeline_from_row(r) for r in self._all("list_pipelines", params)]
-
-    def pipeline_jobs(self, pipeline_id: int) -> list[Job]:
-        return [job_from_row(r) for r in self._all("pipeline_jobs", {"id": pipeline_id})]
 
     def pipeline_cancel(self, pipeline_id: int, reason: str) -> Pipeline:
         for _ in range(100):  # the pipeline may move on to its next step while we lock
@@ -104,7 +81,7 @@ class PostgresFlows(FlowStore):
         return self.pipeline_get(pipeline_id)
 
     def pipeline_expire_steps(self, now: datetime | None = None) -> list[Pipeline]:
-        ids = [r["id"] for r in self._all("overdue_steps", {"now": now, "limit": EXPIRE_BATCH})]
+        ids = [r["id"] for r in self._rows("overdue_steps", {"now": now, "limit": EXPIRE_BATCH})]
         if not ids:
             return []
         with self.backend._conn() as conn, conn.transaction():
@@ -130,15 +107,6 @@ class PostgresFlows(FlowStore):
             failed = sum(1 for j in inserted if j.state.terminal)
             conn.execute(QUERIES["count_batch_at_insert"], {"id": batch_id, "failed": failed})
         return self.batch_get(batch_id)
-
-    def batch_get(self, batch_id: int) -> Batch:
-        rows = self._all("get_batch", {"id": batch_id})
-        if not rows:
-            raise BatchNotFoundError(f"no batch with id {batch_id}")
-        return batch_from_row(rows[0])
-
-    def batch_jobs(self, batch_id: int) -> list[Job]:
-        return [job_from_row(r) for r in self._all("batch_jobs", {"id": batch_id})]
 
     # -- status subscriptions -------------------------------------------------------------------
     def watch_flows(

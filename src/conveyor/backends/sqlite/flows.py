@@ -15,15 +15,9 @@ from datetime import datetime
 from typing import Any
 
 from ...job import Job
-from ...pipelines import (
-    Batch,
-    BatchNotFoundError,
-    JobSpec,
-    Pipeline,
-    PipelineNotFoundError,
-)
+from ...pipelines import Batch, JobSpec, Pipeline
 from ..base import NewJob
-from ..flows import EXPIRE_BATCH, FlowStore, batch_from_row, pipeline_from_row
+from ..flows import EXPIRE_BATCH, FlowStore
 from . import QUERIES, SQLiteBackend, _from_time, _job, _to_time
 
 _TIMES = (
@@ -52,8 +46,11 @@ class SQLiteFlows(FlowStore):
     def __init__(self, backend: SQLiteBackend) -> None:
         self.backend = backend
 
-    def _read(self, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    def _rows(self, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         return [_row(r) for r in self.backend._read(query, params)]
+
+    def _jobs(self, query: str, params: dict[str, Any]) -> list[Job]:
+        return [_job(r) for r in self.backend._read(query, params)]
 
     # -- pipelines ------------------------------------------------------------------------------
     def pipeline_start(
@@ -83,25 +80,6 @@ class SQLiteFlows(FlowStore):
             return pipeline_id
 
         return self.pipeline_get(self.backend._write(start))
-
-    def pipeline_get(self, pipeline_id: int) -> Pipeline:
-        rows = self._read("get_pipeline", {"id": pipeline_id})
-        if not rows:
-            raise PipelineNotFoundError(f"no pipeline with id {pipeline_id}")
-        return pipeline_from_row(rows[0])
-
-    def pipeline_list(
-        self,
-        state: str | None = None,
-        name: str | None = None,
-        entity: str | None = None,
-        limit: int = 100,
-    ) -> list[Pipeline]:
-        params = {"state": state, "name": name, "entity": entity, "limit": limit}
-        return [pipeline_from_row(r) for r in self._read("list_pipelines", params)]
-
-    def pipeline_jobs(self, pipeline_id: int) -> list[Job]:
-        return [_job(r) for r in self.backend._read("pipeline_jobs", {"id": pipeline_id})]
 
     def pipeline_cancel(self, pipeline_id: int, reason: str) -> Pipeline:
         def cancel(conn: sqlite3.Connection) -> None:
@@ -146,12 +124,3 @@ class SQLiteFlows(FlowStore):
             return batch_id
 
         return self.batch_get(self.backend._write(create))
-
-    def batch_get(self, batch_id: int) -> Batch:
-        rows = self._read("get_batch", {"id": batch_id})
-        if not rows:
-            raise BatchNotFoundError(f"no batch with id {batch_id}")
-        return batch_from_row(rows[0])
-
-    def batch_jobs(self, batch_id: int) -> list[Job]:
-        return [_job(r) for r in self.backend._read("batch_jobs", {"id": batch_id})]
