@@ -35,7 +35,6 @@ class JobState(enum.StrEnum):
 
 TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.DEAD, JobState.CANCELLED})
 #: The states a worker claims from (when run_at is due).
-CLAIMABLE_STATES = frozenset({JobState.QUEUED, JobState.RETRYING})
 
 
 @dataclass(frozen=True)

@@ -31,13 +31,18 @@ def check_queue_name(name: object) -> str:
     return name
 
 
-def check_task_name(name: object) -> str:
+def check_name(kind: str, name: object) -> str:
+    """A task, pipeline or step name: ``kind`` names which in the error."""
     if not isinstance(name, str) or not TASK_NAME.fullmatch(name):
         raise ConfigurationError(
-            f"invalid task name {name!r}: use 1-200 letters, digits, '_', '.', ':', '<', '>' "
+            f"invalid {kind} name {name!r}: use 1-200 letters, digits, '_', '.', ':', '<', '>' "
             "or '-', starting with a letter or '_'"
         )
     return name
+
+
+def check_task_name(name: object) -> str:
+    return check_name("task", name)
 
 
 def _number(name: str, value: object, minimum: float, strict: bool = False) -> float:

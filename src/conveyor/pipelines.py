@@ -14,7 +14,6 @@ as its first argument. See docs/pipelines.md.
 from __future__ import annotations
 
 import enum
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from datetime import datetime
@@ -22,14 +21,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from . import serialization
 from .errors import ConfigurationError, ConveyorError
-from .options import DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Options
+from .options import DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Options, check_name
 
 if TYPE_CHECKING:
     from .app import Conveyor, EnqueueRequest, Task
     from .job import Job
 
-PIPELINE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.:<>\-]{0,199}")
-STEP_NAME = PIPELINE_NAME
 ENTITY_MAX = 500
 #: Options that make no sense for a job the database enqueues later on its own: it is never a
 #: duplicate of anything, depends on nothing but the step before, and is due when it is enqueued
@@ -176,15 +173,6 @@ class Step:
 
     name: str
     spec: JobSpec
-
-
-def check_name(kind: str, name: object) -> str:
-    if not isinstance(name, str) or not PIPELINE_NAME.fullmatch(name):
-        raise ConfigurationError(
-            f"invalid {kind} name {name!r}: use 1-200 letters, digits, '_', '.', ':', '<', '>' "
-            "or '-', starting with a letter or '_'"
-        )
-    return name
 
 
 def make_step(

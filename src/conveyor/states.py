@@ -125,20 +125,16 @@ def fail(
     traceback: str | None = None,
 ) -> Outcome:
     """An attempt failed: retry after a backoff, or dead when attempts or the deadline run out."""
-    entry = error_entry(job, kind, message, now, traceback)
     if job.attempt >= job.max_attempts:
+        entry = error_entry(job, kind, message, now, traceback)
         return Outcome(job.id, job.attempt, JobState.DEAD, error=entry)
     delay = max(0.0, float(backoff(job.attempt)))
     limit = deadline_at(job)
     if limit is not None and now + timedelta(seconds=delay) > limit:
-        entry = error_entry(
-            job,
-            kind,
-            f"{message} (not retried: the job's {job.deadline:g} s deadline runs out first)",
-            now,
-            traceback,
-        )
+        message += f" (not retried: the job's {job.deadline:g} s deadline runs out first)"
+        entry = error_entry(job, kind, message, now, traceback)
         return Outcome(job.id, job.attempt, JobState.DEAD, error=entry)
+    entry = error_entry(job, kind, message, now, traceback)
     return Outcome(job.id, job.attempt, JobState.RETRYING, delay=delay, error=entry)
 
 

@@ -61,12 +61,13 @@ class Retention:
 
     def for_state(self, state: JobState) -> float | None:
         """Seconds a finished job in ``state`` is kept, or None (for ever)."""
-        return _seconds(state.value, getattr(self, state.value))
+        return self.age_of(state.value)
 
-    @property
-    def events_age(self) -> float | None:
-        """Seconds an event is kept, or None (for ever)."""
-        return _seconds("events", self.events)
+    def age_of(self, name: str) -> float | None:
+        """Seconds kept for ``name`` (a finished state, or "events"); None: for ever. Already
+        checked and converted to seconds by ``__post_init__``."""
+        age: float | None = getattr(self, name)
+        return age
 
 
 @dataclass
@@ -112,7 +113,7 @@ class Pruner:
                 if age is not None:
                     prune = self._jobs_of(state, age, now)
                     result.jobs[state.value] = self._batches(prune, result)
-            events_age = self.retention.events_age
+            events_age = self.retention.age_of("events")
             if events_age is not None:
                 result.events = self._batches(
                     lambda: self.backend.event_prune(events_age, self.batch_size, now), result
