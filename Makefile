@@ -24,8 +24,15 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# Every test, the fault suite (tests/faults) at its reduced CI size included.
 pytest: $(STAMP)
-	$(BIN)/pytest -m "not faults"
+	$(BIN)/pytest
+
+# The fault suite at full size; writes docs/reliability.md from the figures it counted.
+faults: $(STAMP)
+	rm -rf .faults-report
+	CONVEYOR_FAULTS_FULL=1 CONVEYOR_FAULTS_REPORT=.faults-report $(BIN)/pytest -m faults tests/faults; \
+	status=$$?; $(BIN)/python -m tests.faults.report .faults-report; exit $$status
 
 test: lint typecheck pytest
 

@@ -95,14 +95,25 @@ def conveyor_many(
 class WorkerProcess:
     """A ``conveyor worker`` subprocess; its output goes to a log file (shown on failure)."""
 
-    def __init__(self, url: str, log: Path, args: Sequence[str]) -> None:
+    def __init__(
+        self,
+        url: str,
+        log: Path,
+        args: Sequence[str],
+        *,
+        app: str = APP,
+        prefix: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
+        """``prefix`` goes before the command (e.g. ``ip netns exec host1``); ``env`` is added
+        to the subprocess environment."""
         self.url = url
         self.log_path = log
         self.args = list(args)
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
-                [*CONVEYOR, "worker", "--app", APP, *args],
-                env=subprocess_env(url),
+                [*prefix, *CONVEYOR, "worker", "--app", app, *args],
+                env={**subprocess_env(url), **(env or {})},
                 cwd=ROOT,
                 stdout=out,
                 stderr=subprocess.STDOUT,
