@@ -196,20 +196,75 @@ def phase_enqueue(driver: Conveyor, n: int) -> float:
     return n / elapsed
 
 
-def phase_drain(url: str, log: str, s: BenchSettings) -> float:
+def _rss_mb(pid: int) -> float | None:
+    """A process's resident set (Linux /proc), in MiB; None where it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+@dataclass
+class DrainResult:
+    per_s: float
+    #: Jobs/s in each tenth of the drain (by execution order): flat when claim cost does not
+    #: grow as jobs finish.
+    per_s_by_tenth: list[float]
+    #: Worker RSS (MiB, summed over processes) sampled once a second: first, peak and last.
+    rss_mb: dict[str, float]
+
+
+def _by_tenth(times: list[float]) -> list[float]:
+    times = sorted(times)
+    n = len(times)
+    if n < 20:
+        return []
+    rates = []
+    for k in range(10):
+        lo, hi = times[k * n // 10], times[min(n - 1, (k + 1) * n // 10)]
+        rates.append(round((n // 10) / (hi - lo), 1) if hi > lo else 0.0)
+    return rates
+
+
+def phase_drain(url: str, log: str, s: BenchSettings) -> DrainResult:
     probe = _Probe(url)
+    samples: list[float] = []
     try:
         probe.settle()
         procs = _start_workers(url, log, s, s.processes)
+        next_sample = time.monotonic() + 1.0
+
+        def drained() -> bool:
+            nonlocal next_sample
+            if time.monotonic() >= next_sample:
+                next_sample += 1.0
+                rss = [_rss_mb(p.pid) for p in procs]
+                if all(r is not None for r in rss):
+                    samples.append(sum(r for r in rss if r is not None))
+            return probe.unfinished() == 0
+
         try:
-            _wait_for(lambda: probe.unfinished() == 0, 600, "the drain", interval=0.01)
+            _wait_for(drained, 3600, "the drain", interval=0.01)
             t_end = time.monotonic()
         finally:
             _stop(procs)
     finally:
         probe.close()
-    t_first = min(t for _, t in _executions(log))
-    return s.jobs / (t_end - t_first)
+    times = [t for _, t in _executions(log)]
+    rss = (
+        {
+            "first": round(samples[0], 1),
+            "peak": round(max(samples), 1),
+            "last": round(samples[-1], 1),
+        }
+        if samples
+        else {}
+    )
+    return DrainResult(s.jobs / (t_end - min(times)), _by_tenth(times), rss)
 
 
 def phase_latency(
@@ -259,7 +314,7 @@ def run_bench(s: BenchSettings) -> dict[str, Any]:
             driver = Conveyor(url)
             driver.migrate()
             enqueue_per_s = phase_enqueue(driver, s.jobs)
-            drain_per_s = phase_drain(url, log, s)
+            drain = phase_drain(url, log, s)
             latencies, executions = phase_latency(driver, url, log, s)
             counts = Counter(n for n, _ in executions)
             driver.close()
@@ -273,7 +328,9 @@ def run_bench(s: BenchSettings) -> dict[str, Any]:
         "processes": s.processes,
         "concurrency": s.concurrency,
         "enqueue_per_s": round(enqueue_per_s, 1),
-        "drain_per_s": round(drain_per_s, 1),
+        "drain_per_s": round(drain.per_s, 1),
+        "drain_per_s_by_tenth": drain.per_s_by_tenth,
+        "worker_rss_mb": drain.rss_mb,
         "latency_p50_ms": round(_percentile(latencies, 50), 2),
         "latency_p99_ms": round(_percentile(latencies, 99), 2),
         "executed_once": executed_once,
@@ -291,7 +348,9 @@ def format_result(result: dict[str, Any]) -> str:
         f"{result['backend']}: {result['jobs']} jobs, {result['processes']} worker process(es) x "
         f"{result['concurrency']}\n"
         f"  enqueue  {result['enqueue_per_s']:>10,.0f} jobs/s\n"
-        f"  drain    {result['drain_per_s']:>10,.0f} jobs/s\n"
+        f"  drain    {result['drain_per_s']:>10,.0f} jobs/s"
+        f" (by tenth: {', '.join(f'{r:,.0f}' for r in result['drain_per_s_by_tenth'])})\n"
+        f"  worker RSS (MiB): {result['worker_rss_mb'] or 'drain under 1 s, not sampled'}\n"
         f"  pickup   p50 {result['latency_p50_ms']:.2f} ms, p99 {result['latency_p99_ms']:.2f} ms\n"
         f"  executed exactly once: {result['executed_once']} "
         f"({result['executions']}/{result['expected_executions']})"

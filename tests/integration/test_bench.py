@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conveyor.bench import BenchSettings, fresh_database, run_bench
+from conveyor.bench import BenchSettings, _by_tenth, fresh_database, run_bench
 from conveyor.errors import ConfigurationError
 
 from .support import conveyor
@@ -30,6 +30,18 @@ def test_bench_command_prints_one_json_object(db_url: str) -> None:
     assert result["executions"] == result["expected_executions"] == 300 + 1 + 10
     assert result["drain_per_s"] > 0 and result["enqueue_per_s"] > 0
     assert 0 < result["latency_p50_ms"] <= result["latency_p99_ms"]
+    assert len(result["drain_per_s_by_tenth"]) == 10
+    assert all(rate >= 0 for rate in result["drain_per_s_by_tenth"])
+
+
+def test_drain_rate_by_tenth_splits_the_execution_times_in_ten() -> None:
+    # 100 executions: the first half 1 ms apart, the second half 2 ms apart.
+    times = [i * 0.001 for i in range(50)] + [0.05 + i * 0.002 for i in range(50)]
+    rates = _by_tenth(times)
+    assert len(rates) == 10
+    assert rates[0] == pytest.approx(1000, rel=0.01)
+    assert rates[-1] == pytest.approx(10 / 0.018, rel=0.01)  # last tenth: 9 gaps of 2 ms
+    assert _by_tenth(times[:10]) == []
 
 
 def test_fresh_database_is_used_and_removed_afterwards(sqlite_url: str) -> None:
