@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import os
 import threading
@@ -14,9 +15,16 @@ from . import serialization
 from .backends.base import Backend, NewJob, QueueStats, open_backend
 from .backends.flows import FlowStore, batch_key, flow_store, pipeline_key
 from .backends.migrate import check_version
-from .errors import ConfigurationError, UnknownTaskError
-from .job import Job, JobEvent
-from .options import DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Options, check_queue_name, check_task_name
+from .errors import ConfigurationError, JobNotFoundError, UnknownTaskError
+from .job import Job, JobEvent, JobState
+from .options import (
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_QUEUE,
+    ID_MAX,
+    Options,
+    check_queue_name,
+    check_task_name,
+)
 from .pipelines import (
     Batch,
     Pipeline,
@@ -30,6 +38,7 @@ from .pipelines import (
     pipeline_moved,
     spec_from_request,
 )
+from .redaction import Redaction, check_fields, env_fields
 from .results import DEFAULT_PUSH_POLL_INTERVAL, JobWaiter, Watcher, outcome
 from .services.pruner import Retention
 from .states import Backoff, BackoffPolicy
@@ -65,11 +74,20 @@ class EnqueueRequest:
 class Task(Generic[P, R]):
     """A registered task. Calling it runs the function directly; ``enqueue`` makes a job."""
 
-    def __init__(self, app: Conveyor, fn: Callable[P, R], name: str, options: Options) -> None:
+    def __init__(
+        self,
+        app: Conveyor,
+        fn: Callable[P, R],
+        name: str,
+        options: Options,
+        redact: frozenset[str] = frozenset(),
+    ) -> None:
         self.app = app
         self.fn = fn
         self.name = name
         self.defaults = options
+        #: Argument fields hidden in output and error text, besides the app's (see redaction.py).
+        self.redact = redact
         self.is_async = inspect.iscoroutinefunction(fn)
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
@@ -144,7 +162,14 @@ class Conveyor:
     The URL defaults to ``$CONVEYOR_DATABASE_URL``, else ``sqlite:///conveyor.db``. Nothing
     connects until first use; the schema version is checked then (``conveyor migrate`` creates it).
     ``retention`` says how long workers' pruner keeps finished jobs and history (see
-    :class:`~conveyor.services.pruner.Retention` for the defaults).
+    :class:`~conveyor.services.pruner.Retention` for the defaults). ``max_payload_bytes`` limits
+    the JSON size of a job's arguments and of its result (default 1 MiB).
+
+    ``redact=("password", "token")`` names argument fields whose values never show in the CLI's
+    output, nor in the error messages and tracebacks workers store and log (each value's text is
+    replaced by ``[redacted]``); ``$CONVEYOR_REDACT`` (comma-separated) adds names, and
+    ``@app.task(redact=[...])`` adds names for one task. The stored arguments keep the real
+    values. See :mod:`conveyor.redaction`.
     """
 
     def __init__(
@@ -154,6 +179,7 @@ class Conveyor:
         max_payload_bytes: int = serialization.DEFAULT_MAX_PAYLOAD_BYTES,
         retention: Retention | None = None,
         watchdog_interval: float | None = DEFAULT_WATCHDOG_INTERVAL,
+        redact: Sequence[str] | None = None,
     ) -> None:
         if watchdog_interval is not None and not (
             isinstance(watchdog_interval, int | float)
@@ -168,8 +194,18 @@ class Conveyor:
             raise ConfigurationError(
                 f"retention must be a conveyor.Retention, not {type(retention).__name__}"
             )
-        self.url = url or os.environ.get(ENV_URL) or DEFAULT_URL
+        if isinstance(max_payload_bytes, bool) or not (
+            isinstance(max_payload_bytes, int) and max_payload_bytes >= 2
+        ):
+            raise ConfigurationError(
+                f"max_payload_bytes must be an integer number of bytes >= 2, "
+                f"not {max_payload_bytes!r}"
+            )
+        # An explicit URL, even an empty one, is used as given (open_backend refuses "").
+        self.url = url if url is not None else (os.environ.get(ENV_URL) or DEFAULT_URL)
         self.max_payload_bytes = max_payload_bytes
+        #: Argument fields redacted for every task (see redaction.py), $CONVEYOR_REDACT's included.
+        self.redact = check_fields("Conveyor", redact) | env_fields()
         self.retention = retention or Retention()
         #: While waiting for results on PostgreSQL (which pushes), re-read the job this often.
         self.result_poll_interval = DEFAULT_PUSH_POLL_INTERVAL
@@ -246,20 +282,23 @@ class Conveyor:
     ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
         """Register a function (sync or async) as a task: ``@app.task(queue=..., max_attempts=...,
         timeout=..., deadline=..., max_snoozes=..., backoff=..., priority=...,
-        concurrency_limit=...)``. The name defaults to ``module.qualname``."""
+        concurrency_limit=..., redact=[field names])``. The name defaults to
+        ``module.qualname``."""
 
         def register(func: Callable[P, R]) -> Task[P, R]:
             default = f"{func.__module__}.{func.__qualname__}"
             task_name = check_task_name(default if name is None else name)
             if task_name in self.tasks:
                 raise ConfigurationError(f"a task named {task_name!r} is already registered")
-            opts = Options.build(f"task {task_name}", **options)
+            given = dict(options)
+            redact = check_fields(f"task {task_name}", given.pop("redact", None))
+            opts = Options.build(f"task {task_name}", **given)
             if opts.depends_on is not None:
                 raise ConfigurationError(
                     f"task {task_name}: depends_on is per enqueue, not per task: use "
                     "task.options(depends_on=[...]).enqueue(...)"
                 )
-            task = Task(self, func, task_name, opts)
+            task = Task(self, func, task_name, opts, redact)
             self.tasks[task_name] = task
             return task
 
@@ -301,6 +340,10 @@ class Conveyor:
         """Enqueue a task by name without requiring it to be registered here (for producers that
         do not import the workers' code). A worker without that task ends the job dead."""
         opts = Options.build(f"task {task}", **options)
+        if isinstance(args, str | bytes) or not isinstance(args, list | tuple):
+            raise ConfigurationError(f"args must be a list, not {type(args).__name__}")
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise ConfigurationError(f"kwargs must be a dict, not {type(kwargs).__name__}")
         request = EnqueueRequest(check_task_name(task), tuple(args), dict(kwargs or {}), opts)
         return self.enqueue_many([request], connection=connection)[0]
 
@@ -356,29 +399,29 @@ class Conveyor:
         return jobs
 
     def get_job(self, job_id: int) -> Job:
-        return self._bind([self.backend.job_get(job_id)])[0]
+        return self._bind([self.backend.job_get(_job_id(job_id))])[0]
 
     def result(self, job_id: int, timeout: float | None = None) -> Any:
         """Wait (at most ``timeout`` seconds; None: for ever) for the job to finish; its result.
         JobFailedError (carrying the last error) if it ended dead or cancelled, TimeoutError if
         it is unfinished when the time is up, JobNotFoundError if there is no such job."""
-        return outcome(self._bind([self._waiter.wait(job_id, timeout)])[0])
+        return outcome(self._bind([self._waiter.wait(_job_id(job_id), timeout)])[0])
 
     async def result_async(self, job_id: int, timeout: float | None = None) -> Any:
         """:meth:`result` for async code; never blocks the event loop."""
-        return outcome(self._bind([await self._waiter.wait_async(job_id, timeout)])[0])
+        return outcome(self._bind([await self._waiter.wait_async(_job_id(job_id), timeout)])[0])
 
     def job_history(self, job_id: int) -> list[JobEvent]:
         """Every transition of the job, oldest first (see :class:`JobEvent`); JobNotFoundError
         for a job that does not exist."""
-        events = self.backend.job_events(job_id)
+        events = self.backend.job_events(_job_id(job_id))
         if not events:
             self.backend.job_get(job_id)  # raises for a missing job; an old one may have none left
         return events
 
     def job_dependencies(self, job_id: int) -> list[int]:
         """Ids of the jobs this job was enqueued to depend on (``depends_on``), ascending."""
-        return self.backend.job_dependencies(job_id)
+        return self.backend.job_dependencies(_job_id(job_id))
 
     def list_jobs(
         self,
@@ -387,16 +430,71 @@ class Conveyor:
         task: str | None = None,
         limit: int = 100,
     ) -> list[Job]:
+        """Jobs matching the filters, newest first (at most ``limit``, 1 to 100,000)."""
+        if state is not None and state not in set(JobState):
+            states = ", ".join(s.value for s in JobState)
+            raise ConfigurationError(f"state {state!r} is not a job state: use one of {states}")
+        if queue is not None:
+            check_queue_name(queue)
+        if task is not None:
+            check_task_name(task)
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 100_000:
+            raise ConfigurationError(f"limit={limit!r} must be an integer from 1 to 100000")
         return self._bind(self.backend.job_list(state=state, queue=queue, task=task, limit=limit))
 
     def cancel_job(self, job_id: int, reason: str = "cancelled by request") -> Job:
-        return self._bind([self.backend.job_cancel(job_id, reason)])[0]
+        if not isinstance(reason, str) or "\x00" in reason or not 0 < len(reason) <= 10_000:
+            raise ConfigurationError(
+                f"cancel reason {reason!r:.80} must be text of 1 to 10000 characters without NUL"
+            )
+        return self._bind([self.backend.job_cancel(_job_id(job_id), reason)])[0]
 
     def retry_job(self, job_id: int) -> Job:
-        return self._bind([self.backend.job_retry(job_id)])[0]
+        return self._bind([self.backend.job_retry(_job_id(job_id))])[0]
 
     def delete_job(self, job_id: int) -> bool:
-        return self.backend.job_delete(job_id)
+        try:
+            return self.backend.job_delete(_job_id(job_id))
+        except JobNotFoundError:
+            return False
+
+    # -- redaction ------------------------------------------------------------------------------
+    def redaction(self, task: str) -> Redaction:
+        """What is hidden for jobs of ``task``: the app's fields and the task's own, and the
+        positions of the task function's parameters so named (see :mod:`conveyor.redaction`)."""
+        registered = self.tasks.get(task)
+        if registered is None:  # no signature: every positional argument might be a secret
+            return Redaction(self.redact, all_positions=bool(self.redact))
+        return Redaction.for_function(self.redact | registered.redact, registered.fn)
+
+    def scrubber(self, job: Job) -> Callable[[str], str]:
+        """A function that replaces each redacted argument value of ``job`` in a text (an error
+        message, a traceback) with ``[redacted]``; the identity when nothing is redacted."""
+        return self.redaction(job.task).scrubber(job.args, job.kwargs)
+
+    def redacted(self, job: Job) -> Job:
+        """A copy of ``job`` for display: redacted fields' values replaced in its args, kwargs
+        and result, and their text scrubbed from its errors (messages and tracebacks)."""
+        rules = self.redaction(job.task)
+        if not rules:
+            return job
+        scrub = rules.scrubber(job.args, job.kwargs)
+        errors = job.errors
+        if isinstance(errors, list):
+            errors = [scrub_error(e, scrub) for e in errors]
+        return dataclasses.replace(
+            job,
+            args=rules.args(job.args),
+            kwargs=rules.value(job.kwargs),
+            return_value=rules.value(job.return_value),
+            last_error=scrub_error(job.last_error, scrub),
+            errors=errors,
+        )
+
+    def redacted_event(self, job: Job, event: JobEvent) -> JobEvent:
+        """``event`` of ``job`` with the job's redacted values scrubbed from its error."""
+        error = scrub_error(event.error, self.scrubber(job))
+        return event if error is event.error else dataclasses.replace(event, error=error)
 
     def stats(self) -> list[QueueStats]:
         return self.backend.stats()
@@ -601,6 +699,22 @@ class Conveyor:
         """The queues this app's tasks and declarations name (plus ``default``)."""
         names = {DEFAULT_QUEUE, *self.queues, *(t.queue for t in self.tasks.values())}
         return sorted(names)
+
+
+def _job_id(job_id: object) -> int:
+    """A job id as the backends take it: JobNotFoundError for an integer no job can have."""
+    if isinstance(job_id, bool) or not isinstance(job_id, int):
+        raise ConfigurationError(f"a job id must be an integer, not {job_id!r:.80}")
+    if not 1 <= job_id <= ID_MAX:
+        raise JobNotFoundError(f"no job with id {job_id}")
+    return job_id
+
+
+def scrub_error(error: Any, scrub: Callable[[str], str]) -> Any:
+    """An error entry (kind, message, traceback, ...) with ``scrub`` applied to its texts."""
+    if not isinstance(error, dict):
+        return error
+    return {k: scrub(v) if isinstance(v, str) else v for k, v in error.items()}
 
 
 def _pipeline_outcome(pipeline: Pipeline) -> Any:

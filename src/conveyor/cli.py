@@ -12,6 +12,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from typing import Any
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from .app import Conveyor
 from .errors import ConfigurationError, ConveyorError
@@ -29,6 +31,23 @@ from .services.pruner import Pruner
 from .worker import Worker
 
 console = Console()
+#: Control characters (but newline and tab): shown escaped, so stored text cannot drive the
+#: terminal (cursor moves, titles, hyperlinks) when a command prints it.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _printable(text: object) -> str:
+    """Text from the database (error messages, tracebacks, names) made safe for a terminal."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], str(text))
+
+
+def _echo(text: object) -> None:
+    click.echo(_printable(text))
+
+
+def _cells(*values: object) -> list[Text]:
+    """Table cells as plain text: never read as rich markup (``[link=...]``, ``[bold]``)."""
+    return [Text(_printable(v)) for v in values]
 
 
 def load_app(spec: str) -> Conveyor:
@@ -268,13 +287,16 @@ def _ids_arg(flag: str, text: str) -> list[int]:
 
 
 def _json_arg(flag: str, text: str, kind: type) -> Any:
+    # The text is not echoed whole: it may be large, or hold a secret.
+    shown = text if len(text) <= 60 else f"{text[:40]}... ({len(text)} characters)"
     try:
         value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigurationError(f"{flag} {text!r} is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, too many digits, too deep
+        reason = str(exc).splitlines()[0] if isinstance(exc, ValueError) else "nested too deep"
+        raise ConfigurationError(f"{flag} {shown!r} is not valid JSON: {reason}") from None
     if not isinstance(value, kind):
         raise ConfigurationError(
-            f"{flag} must be a JSON {'array' if kind is list else 'object'}, got {text!r}"
+            f"{flag} must be a JSON {'array' if kind is list else 'object'}, got {shown!r}"
         )
     return value
 
@@ -311,7 +333,7 @@ def stats_table(rows: list[Any]) -> Table:
     for s in rows:
         age = "-" if s.oldest_due_age is None else f"{s.oldest_due_age:.1f} s"
         limit = "-" if s.concurrency_limit is None else str(s.concurrency_limit)
-        table.add_row(s.queue, *(str(s.counts.get(st.value, 0)) for st in JobState), age, limit)
+        table.add_row(*_cells(s.queue, *(s.counts.get(st.value, 0) for st in JobState), age, limit))
     return table
 
 
@@ -336,7 +358,9 @@ def jobs_list(
     as_json: bool,
 ) -> None:
     """List jobs, newest first."""
-    rows = app.list_jobs(state=state, queue=queue, task=task, limit=limit)
+    rows = [
+        app.redacted(j) for j in app.list_jobs(state=state, queue=queue, task=task, limit=limit)
+    ]
     if as_json:
         click.echo(json.dumps([job_dict(j) for j in rows], indent=2, default=str))
         return
@@ -345,14 +369,16 @@ def jobs_list(
         table.add_column(col)
     for j in rows:
         table.add_row(
-            str(j.id),
-            j.queue,
-            j.task,
-            j.state.value,
-            f"{j.attempt}/{j.max_attempts}",
-            str(j.snoozes),
-            j.run_at.isoformat(timespec="seconds"),
-            (j.error or "")[:60],
+            *_cells(
+                j.id,
+                j.queue,
+                j.task,
+                j.state.value,
+                f"{j.attempt}/{j.max_attempts}",
+                str(j.snoozes),
+                j.run_at.isoformat(timespec="seconds"),
+                (j.error or "")[:60],
+            )
         )
     console.print(table)
 
@@ -371,8 +397,9 @@ def job_dict(job: Job) -> dict[str, Any]:
 @click.option("--json", "as_json", is_flag=True)
 def jobs_show(app: Conveyor, job_id: int, as_json: bool) -> None:
     """Everything about one job, with its error history and its history of transitions."""
-    job = app.get_job(job_id)
-    history = app.job_history(job_id)
+    stored = app.get_job(job_id)
+    history = [app.redacted_event(stored, e) for e in app.job_history(job_id)]
+    job = app.redacted(stored)  # redacted fields and their values in error text: "[redacted]"
     data = job_dict(job)
     data["depends_on"] = app.job_dependencies(job_id)
     if as_json:
@@ -382,20 +409,26 @@ def jobs_show(app: Conveyor, job_id: int, as_json: bool) -> None:
     errors = data.pop("errors")
     data.pop("last_error")
     _print_fields(data, 18)
+    if not isinstance(errors, list):  # unreadable in the database
+        _echo(f"\nerrors: {errors}")
+        errors = []
     for entry in errors:
-        click.echo(
+        if not isinstance(entry, dict):
+            _echo(f"\nerror: {entry}")
+            continue
+        _echo(
             f"\nattempt {entry.get('attempt')} at {entry.get('at')} [{entry.get('kind')}]: {entry.get('message')}"
         )
         if entry.get("traceback"):
-            click.echo(entry["traceback"].rstrip())
+            _echo(str(entry["traceback"]).rstrip())
     click.echo("\nhistory:")
     for event in history:
-        click.echo(event_line(event))
+        _echo(event_line(event))
 
 
 def _print_fields(data: dict[str, Any], width: int) -> None:
     for key, value in data.items():
-        click.echo(f"{key:>{width}}: {value}")
+        _echo(f"{key:>{width}}: {value}")
 
 
 def event_dict(event: JobEvent) -> dict[str, Any]:
@@ -470,14 +503,16 @@ def pipelines_list(
         table.add_column(col)
     for p in rows:
         table.add_row(
-            str(p.id),
-            p.name,
-            p.entity or "",
-            p.state.value,
-            f"{p.current_step + 1}/{len(p.steps)} {p.step}",
-            _time(p.step_started_at),
-            _time(p.created_at),
-            (p.error or "")[:60],
+            *_cells(
+                p.id,
+                p.name,
+                p.entity or "",
+                p.state.value,
+                f"{p.current_step + 1}/{len(p.steps)} {p.step}",
+                _time(p.step_started_at),
+                _time(p.created_at),
+                (p.error or "")[:60],
+            )
         )
     console.print(table)
 
@@ -513,7 +548,7 @@ def pipeline_dict(p: Pipeline) -> dict[str, Any]:
 def pipelines_show(app: Conveyor, pipeline_id: int, as_json: bool) -> None:
     """One pipeline: its state, and each step with its job."""
     pipeline = app.get_pipeline(pipeline_id)
-    jobs = app.pipeline_jobs(pipeline_id)
+    jobs = [app.redacted(j) for j in app.pipeline_jobs(pipeline_id)]
     # One job per step that ran, in order, the last one the current step's (old ones may have
     # been pruned, so align from the end).
     offset = len(jobs) - 1 - pipeline.current_step
@@ -550,7 +585,7 @@ def pipelines_show(app: Conveyor, pipeline_id: int, as_json: bool) -> None:
             line += f", {step['snoozes']} snoozes, started {_time(step['started_at'])}"
             if step["error"]:
                 line += f"  error: {step['error']}"
-        click.echo(line)
+        _echo(line)
 
 
 def _step_job_fields(job: Job | None) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import math
 
 from .errors import ConfigurationError
 from .job import Job
+from .options import MAX_DELAY
 
 
 class Snooze(Exception):
@@ -14,9 +15,15 @@ class Snooze(Exception):
     ``snoozes`` counted; only the task's ``max_snoozes`` or ``deadline`` can end it."""
 
     def __init__(self, seconds: float = 0.0) -> None:
-        if not isinstance(seconds, int | float) or not math.isfinite(seconds) or seconds < 0:
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, int | float)
+            or not math.isfinite(seconds)
+            or not 0 <= seconds <= MAX_DELAY
+        ):
             raise ConfigurationError(
-                f"Snooze seconds must be a finite number >= 0, not {seconds!r}"
+                f"Snooze seconds must be a number from 0 to {MAX_DELAY:.0f} (100 years), "
+                f"not {seconds!r}"
             )
         super().__init__(f"snooze {seconds:g} s")
         self.seconds = float(seconds)

@@ -1,25 +1,41 @@
 """Job options: what a task declares and what one enqueue may override, validated up front.
 
 Each bad value raises ConfigurationError naming the option and the value; nothing is written.
+Every duration (delay, timeout, deadline, backoff, snooze) is at most :data:`MAX_DELAY` (100
+years), and ``run_at`` lies between :data:`EARLIEST_RUN_AT` and :data:`LATEST_RUN_AT`: beyond,
+the database or Python could not represent the times computed from them.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import random
 import re
 from dataclasses import dataclass, fields, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from .errors import ConfigurationError
 from .states import Backoff, BackoffPolicy
 
+logger = logging.getLogger("conveyor.options")
+
 QUEUE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,99}")
 TASK_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.:<>\-]{0,199}")
 KEY_MAX = 500
 PRIORITY_RANGE = (-1_000_000, 1_000_000)
+#: Largest count (max_attempts, max_snoozes, concurrency_limit): a 32-bit integer column.
+INT_MAX = 2**31 - 1
+#: Largest job id (a 64-bit integer column).
+ID_MAX = 2**63 - 1
 DEFAULT_QUEUE = "default"
 DEFAULT_MAX_ATTEMPTS = 5
+#: Longest delay, timeout, deadline, backoff or snooze, in seconds (100 years).
+MAX_DELAY = 100 * 365.25 * 86400
+#: The range of ``run_at`` (a day inside what Python's datetime and both databases hold).
+EARLIEST_RUN_AT = datetime(1, 1, 2, tzinfo=UTC)
+LATEST_RUN_AT = datetime(9999, 1, 1, tzinfo=UTC)
 
 
 def check_queue_name(name: object) -> str:
@@ -46,11 +62,16 @@ def check_task_name(name: object) -> str:
 
 
 def _number(name: str, value: object, minimum: float, strict: bool = False) -> float:
+    """A number of seconds, at least ``minimum`` and at most MAX_DELAY."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ConfigurationError(f"option {name}={value!r} must be a finite number")
     if value < minimum or (strict and value == minimum):
         op = ">" if strict else ">="
         raise ConfigurationError(f"option {name}={value!r} must be {op} {minimum:g}")
+    if value > MAX_DELAY:
+        raise ConfigurationError(
+            f"option {name}={value!r} must be at most {MAX_DELAY:.0f} seconds (100 years)"
+        )
     return float(value)
 
 
@@ -78,7 +99,7 @@ def _dependencies(value: object) -> tuple[int, ...]:
     ids: list[int] = []
     for item in value:
         job_id = getattr(item, "id", item) if not isinstance(item, int) else item
-        if isinstance(job_id, bool) or not isinstance(job_id, int) or job_id < 1:
+        if isinstance(job_id, bool) or not isinstance(job_id, int) or not 1 <= job_id <= ID_MAX:
             raise ConfigurationError(
                 f"option depends_on: {item!r} is not a job or a job id (a positive integer)"
             )
@@ -133,9 +154,9 @@ def _check(name: str, value: Any) -> Any:
     if name == "priority":
         return _integer(name, value, *PRIORITY_RANGE)
     if name in ("max_attempts", "concurrency_limit"):
-        return _integer(name, value, 1)
+        return _integer(name, value, 1, INT_MAX)
     if name == "max_snoozes":
-        return _integer(name, value, 0)
+        return _integer(name, value, 0, INT_MAX)
     if name in ("timeout", "deadline"):
         return _number(name, value, 0, strict=True)
     if name == "delay":
@@ -143,17 +164,76 @@ def _check(name: str, value: Any) -> Any:
     if name in ("concurrency_key", "unique_key", "idempotency_key"):
         return _key(name, value)
     if name == "run_at":
-        if not isinstance(value, datetime) or value.tzinfo is None:
+        if not isinstance(value, datetime) or value.utcoffset() is None:
             raise ConfigurationError(f"option run_at={value!r} must be a timezone-aware datetime")
+        if not EARLIEST_RUN_AT <= value < LATEST_RUN_AT:
+            raise ConfigurationError(
+                f"option run_at={value!r} must be between {EARLIEST_RUN_AT.date()} and "
+                f"{LATEST_RUN_AT.date()} (UTC)"
+            )
         return value
     if name == "depends_on":
         return _dependencies(value)
     if name == "backoff":
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return Backoff(base=_number(name, value, 0))
-        if not callable(value):
+        return check_backoff(value)
+    raise AssertionError(name)  # pragma: no cover
+
+
+def check_backoff(value: object) -> BackoffPolicy:
+    """Seconds (a Backoff from that base), a Backoff whose delays stay within MAX_DELAY, or a
+    callable, wrapped so that whatever it returns or raises, a failed job still gets a delay."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return Backoff(base=_number("backoff", value, 0))
+    if isinstance(value, Backoff):
+        numbers = (value.base, value.factor, value.cap, value.jitter)
+        try:
+            finite = all(math.isfinite(n) for n in numbers)
+            longest = value(10**6, random.Random(0)) if finite else math.inf
+        except (OverflowError, TypeError, ValueError):
+            finite = False
+        if not finite or value.cap * (1 + value.jitter) > MAX_DELAY or longest > MAX_DELAY:
             raise ConfigurationError(
-                f"option backoff={value!r} must be seconds, a Backoff or a callable"
+                f"option backoff={value!r} must use finite numbers and wait at most "
+                f"{MAX_DELAY:.0f} seconds (100 years): lower cap or jitter"
             )
         return value
-    raise AssertionError(name)  # pragma: no cover
+    if isinstance(value, SafeBackoff):
+        return value
+    if not callable(value):
+        raise ConfigurationError(
+            f"option backoff={value!r} must be seconds, a Backoff or a callable"
+        )
+    return SafeBackoff(value)
+
+
+class SafeBackoff:
+    """A backoff callable of the user's, made total: its delay is clamped to [0, MAX_DELAY]; when
+    it raises or returns something else than a number, the default Backoff applies (logged)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def __repr__(self) -> str:
+        return f"SafeBackoff({self.fn!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SafeBackoff) and other.fn == self.fn
+
+    def __hash__(self) -> int:
+        return hash(self.fn)
+
+    def __call__(self, attempt: int) -> float:
+        try:
+            delay = self.fn(attempt)
+            number = not isinstance(delay, bool) and isinstance(delay, int | float)
+            if number and not math.isnan(delay):
+                return min(max(float(delay), 0.0), MAX_DELAY)
+            problem = f"returned {delay!r}, not a number of seconds"
+        except Exception as exc:
+            problem = f"raised {type(exc).__name__}: {exc}"
+        logger.warning(
+            "backoff %r %s for attempt %s; using the default backoff", self.fn, problem, attempt
+        )
+        return Backoff()(attempt)

@@ -1,30 +1,68 @@
 """JSON only, never pickle: job arguments and results are checked before they reach the database.
 
-Errors name the path of the offending value (``args[1]['when']``) so the caller can fix it.
+Errors name the path of the offending value (``args[1]['when']``) so the caller can fix it. What
+is refused, on both backends alike: values JSON cannot represent (objects, sets, bytes, NaN,
+infinities, non-str keys), payloads over the size limit (``Conveyor(max_payload_bytes=...)``,
+1 MiB by default), nesting deeper than :data:`MAX_DEPTH` (or a list that contains itself),
+integers of more than :data:`MAX_INT_DIGITS` digits (no reader could decode them), and text with
+a NUL character or a lone surrogate (PostgreSQL's jsonb and UTF-8 cannot store them).
+
+Reading is the other way round: :func:`load_stored` never raises. A stored value that cannot be
+decoded (a row corrupted in the database, or written by another program) comes back as an
+:class:`UnreadableJSON`, so one bad row cannot break a claim, a list or a worker; a job whose
+arguments are unreadable ends dead ("unusable arguments") instead of running.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import InvalidArgumentsError
 
 #: Default limit on the encoded size of a job's arguments and of its result.
 DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
+#: Deepest nesting of lists and dicts accepted in arguments and results.
+MAX_DEPTH = 128
+#: Longest integer accepted, in decimal digits: Python's own limit on converting an int from
+#: text (``sys.int_info.default_max_str_digits``), so every worker can read what was stored.
+MAX_INT_DIGITS = 4300
+_INT_LIMIT = 10**MAX_INT_DIGITS
+_INT_BITS = 14_000  # every int under 2**14000 has fewer than 4300 digits: the fast path
 
 
-def _check(value: Any, path: str) -> None:
-    if value is None or isinstance(value, str | bool | int):
+def _check(value: Any, path: str, depth: int) -> None:
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise InvalidArgumentsError(
+                f"{path} contains a NUL character ('\\x00'), which PostgreSQL cannot store in "
+                "JSON; remove it or encode the text (e.g. base64)"
+            )
+        return
+    if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, int):
+        if value.bit_length() > _INT_BITS and abs(value) >= _INT_LIMIT:
+            raise InvalidArgumentsError(
+                f"{path} is an integer of more than {MAX_INT_DIGITS} digits, which JSON readers "
+                "refuse; pass it as a string"
+            )
         return
     if isinstance(value, float):
         if not math.isfinite(value):
             raise InvalidArgumentsError(f"{path} is {value!r}, which JSON cannot represent")
         return
+    if isinstance(value, list | tuple | dict) and depth >= MAX_DEPTH:
+        where = path if len(path) <= 80 else f"{path[:40]}...{path[-20:]}"
+        raise InvalidArgumentsError(
+            f"{where} is nested more than {MAX_DEPTH} lists or dicts deep (or contains itself)"
+        )
     if isinstance(value, list | tuple):
         for i, item in enumerate(value):
-            _check(item, f"{path}[{i}]")
+            _check(item, f"{path}[{i}]", depth + 1)
         return
     if isinstance(value, dict):
         for key, item in value.items():
@@ -32,7 +70,12 @@ def _check(value: Any, path: str) -> None:
                 raise InvalidArgumentsError(
                     f"{path} has key {key!r} of type {type(key).__name__}; JSON object keys must be str"
                 )
-            _check(item, f"{path}[{key!r}]")
+            if "\x00" in key:
+                raise InvalidArgumentsError(
+                    f"{path} has key {key!r} with a NUL character ('\\x00'), which PostgreSQL "
+                    "cannot store in JSON"
+                )
+            _check(item, f"{path}[{key!r}]", depth + 1)
         return
     raise InvalidArgumentsError(
         f"{path} is a {type(value).__module__}.{type(value).__qualname__} ({_short(value)}), "
@@ -45,13 +88,71 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _find_text(value: Any, path: str, bad: Callable[[str], bool]) -> str | None:
+    """The path of the first string (value or key) in ``value`` for which ``bad`` is true."""
+    if isinstance(value, str):
+        return path if bad(value) else None
+    if isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            if (found := _find_text(item, f"{path}[{i}]", bad)) is not None:
+                return found
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if bad(key):
+                return f"{path} key {key!r}"
+            if (found := _find_text(item, f"{path}[{key!r}]", bad)) is not None:
+                return found
+    return None
+
+
 def dumps(value: Any, path: str, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> str:
     """Encode ``value`` as compact JSON, or raise :class:`InvalidArgumentsError` naming ``path``."""
-    _check(value, path)
+    _check(value, path, 0)
     text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    size = len(text.encode())
+    try:
+        size = len(text.encode())
+    except UnicodeEncodeError:
+        where = _find_text(value, path, lambda s: not _utf8(s)) or path
+        raise InvalidArgumentsError(
+            f"{where} is not valid Unicode text (it holds a lone surrogate such as '\\ud800'), "
+            "which cannot be stored as UTF-8 JSON"
+        ) from None
     if size > max_bytes:
         raise InvalidArgumentsError(
             f"{path} is {size} bytes as JSON, over the limit of {max_bytes}"
         )
     return text
+
+
+@dataclass(frozen=True)
+class UnreadableJSON:
+    """A stored JSON value that could not be decoded, in place of the value: ``reason`` says why,
+    ``text`` is the start of what was stored. Shown without its text (it may hold a secret)."""
+
+    text: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"<unreadable JSON: {self.reason}>"
+
+    __repr__ = __str__
+
+
+def load_stored(data: str | bytes | bytearray | memoryview) -> Any:
+    """Decode a JSON column as stored; an :class:`UnreadableJSON` instead of raising, so one
+    corrupted row cannot break a claim or a listing (backends decode every JSON column here)."""
+    raw = bytes(data) if isinstance(data, memoryview) else data
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        text = raw if isinstance(raw, str) else bytes(raw).decode(errors="replace")
+        reason = str(exc) if isinstance(exc, ValueError) else "nested too deep to decode"
+        return UnreadableJSON(text[:200], reason.splitlines()[0][:200] if reason else "invalid")

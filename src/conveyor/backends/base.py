@@ -15,7 +15,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from ..errors import ConfigurationError, InvalidTransitionError, JobNotFoundError
 from ..job import Job, JobEvent, JobState
@@ -364,7 +364,12 @@ def open_backend(url: str) -> Backend:
     """A backend for ``sqlite:///path`` or ``postgresql://...``; ConfigurationError otherwise."""
     if not isinstance(url, str) or not url:
         raise ConfigurationError(f"database URL must be a non-empty string, not {url!r}")
-    scheme = urlsplit(url).scheme.lower()
+    if "\x00" in unquote(url):
+        raise ConfigurationError(f"database URL {redact_url(url)!r} contains a NUL character")
+    try:
+        scheme = urlsplit(url).scheme.lower()
+    except ValueError as exc:  # e.g. "Invalid IPv6 URL"
+        raise ConfigurationError(f"invalid database URL {redact_url(url)!r}: {exc}") from None
     if scheme == "sqlite":
         from .sqlite import SQLiteBackend
 

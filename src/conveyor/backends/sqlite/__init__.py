@@ -23,6 +23,7 @@ from ...errors import (
     JobNotFoundError,
 )
 from ...job import Job, JobEvent, JobState
+from ...serialization import load_stored
 from ...states import Outcome
 from ..base import (
     NEW_JOB_COLUMNS,
@@ -114,7 +115,7 @@ def _convert(row: sqlite3.Row) -> dict[str, Any]:
             out[key] = _to_time(out[key])
     for key in _JSON_COLUMNS:
         if key in out and out[key] is not None:
-            out[key] = json.loads(out[key])
+            out[key] = load_stored(out[key])
     return out
 
 
