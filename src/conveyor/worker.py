@@ -266,6 +266,11 @@ class Worker:
 
     def _start(self, job: Job) -> None:
         self.stats.claimed += 1
+        older = self._attempts.get(job.id)
+        if older is not None and not older.abandoned:
+            # The job came back to us (rescued, then claimed again) while an older attempt of it
+            # still runs here: that attempt's lease is gone, so its outcome must not be written.
+            self._abandon(older, f"claimed again as attempt {job.attempt}; its lease was lost")
         attempt = _Attempt(job, JobContext(job, self.id), time.monotonic())
         self._attempts[job.id] = attempt
         attempt.runner = asyncio.create_task(self._execute(attempt))
@@ -280,7 +285,8 @@ class Worker:
         if outcome is not None and not attempt.abandoned:
             self._outbox.append(outcome)
             self._outbox_ready.set()
-        self._attempts.pop(attempt.job.id, None)
+        if self._attempts.get(attempt.job.id) is attempt:  # not a newer attempt of the job
+            del self._attempts[attempt.job.id]
         self._wake.set()
 
     async def _outcome_of(self, attempt: _Attempt) -> Outcome | None:
@@ -359,10 +365,11 @@ class Worker:
         if isinstance(exc, Snooze):
             return states.snooze(job, exc.seconds, attempt.db_now())
         if isinstance(exc, Cancel):
-            return states.cancel(job, exc.reason, attempt.db_now())
+            return states.cancel(job, self.app.scrubber(job)(exc.reason), attempt.db_now())
         trace = "".join(traceback.format_exception(exc))
         message = f"{type(exc).__name__}: {exc}"
-        logger.warning("job %s (%s) attempt %s failed: %s", job.id, job.task, job.attempt, message)
+        shown = self.app.scrubber(job)(message)  # redacted argument values: "[redacted]"
+        logger.warning("job %s (%s) attempt %s failed: %s", job.id, job.task, job.attempt, shown)
         return self._failure(attempt, "error", message, task, trace)
 
     def _failure(
@@ -374,7 +381,9 @@ class Worker:
         trace: str | None = None,
     ) -> Outcome:
         backoff = task.backoff if task is not None else states.Backoff()
-        return states.fail(attempt.job, kind, message, attempt.db_now(), backoff, trace)
+        scrub = self.app.scrubber(attempt.job)  # redacted argument values: "[redacted]"
+        trace = None if trace is None else scrub(trace)
+        return states.fail(attempt.job, kind, scrub(message), attempt.db_now(), backoff, trace)
 
     def _dead(self, attempt: _Attempt, kind: str, message: str) -> Outcome:
         logger.error("job %s: %s", attempt.job.id, message)

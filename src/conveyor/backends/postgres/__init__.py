@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
+import select
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -15,6 +18,7 @@ from ...errors import (
     JobNotFoundError,
 )
 from ...job import Job, JobEvent, JobState
+from ...serialization import load_stored
 from ...states import Outcome
 from ..base import (
     NEW_JOB_COLUMNS,
@@ -45,10 +49,12 @@ from ..migrate import check_version
 try:
     import psycopg
     from psycopg.rows import dict_row
+    from psycopg.types.json import set_json_loads
     from psycopg_pool import ConnectionPool
 except ImportError:  # pragma: no cover - exercised only without the extra installed
     psycopg = None  # type: ignore[assignment]
 
+logger = logging.getLogger("conveyor.postgres")
 _MIGRATION_LOCK = 7262100439
 #: Session advisory locks of maintenance tasks (one process at a time runs each).
 _MAINTENANCE_LOCKS = {"prune": 7262100440}
@@ -58,6 +64,26 @@ _FLOAT_COLUMNS = ("delay", "deadline", "timeout")
 
 def _configure(conn: Any) -> None:
     conn.execute("SET TIME ZONE 'UTC'")
+    # A stored value Python cannot decode (e.g. a 5000-digit number) becomes an UnreadableJSON
+    # instead of failing the whole statement: one corrupted row cannot poison a claim.
+    set_json_loads(load_stored, conn)
+
+
+def _alive(conn: Any) -> bool:
+    """Whether an idle pooled connection still has its server, without a round trip: nothing
+    arrives on an idle connection unless the server hung up (EOF, or a FATAL error first, as in
+    a fast shutdown or pg_terminate_backend); anything that did arrive is read to be sure."""
+    if conn.closed or conn.broken:
+        return False
+    try:
+        for _ in range(3):  # a FATAL message, then EOF: two reads
+            readable, _, _ = select.select([conn.fileno()], [], [], 0)
+            if not readable:
+                break
+            conn.pgconn.consume_input()
+    except (OSError, ValueError, psycopg.Error):
+        return False
+    return bool(conn.pgconn.status == psycopg.pq.ConnStatus.OK)
 
 
 class PostgresBackend(Backend):
@@ -69,6 +95,12 @@ class PostgresBackend(Backend):
                 "PostgreSQL support needs psycopg: pip install 'conveyor[postgres]'"
             )
         self.url = url
+        self._max_size = max_size
+        #: Per worker: the latest attempted_at of the jobs its claims were answered with, and
+        #: (for workers whose last claim failed) that time when it failed; see ``_claim``.
+        self._last_claimed: dict[str, datetime] = {}
+        self._unanswered: dict[str, datetime | None] = {}
+        self._claims_lock = threading.Lock()
         try:
             psycopg.conninfo.conninfo_to_dict(url)
         except psycopg.ProgrammingError as exc:
@@ -102,12 +134,28 @@ class PostgresBackend(Backend):
     @contextmanager
     def _conn(self) -> Iterator[Any]:
         try:
-            with self._pool.connection() as conn:
-                yield conn
+            conn = self._checkout()
+            try:
+                with conn:  # commit or roll back as ConnectionPool.connection(); pooled: not closed
+                    yield conn
+            finally:
+                self._pool.putconn(conn)
         except psycopg.OperationalError as exc:
             raise DatabaseUnavailableError(
                 f"lost PostgreSQL at {redact_url(self.url)}: {str(exc).strip()}"
             ) from exc
+
+    def _checkout(self) -> Any:
+        """A pooled connection the server has not hung up on. After a server restart every
+        idle pooled connection is dead, and each would fail one operation although the server
+        is back: those are discarded here (at most a pool's worth), without a round trip."""
+        for _ in range(self._max_size):
+            conn = self._pool.getconn()
+            if _alive(conn):
+                return conn
+            conn.close()
+            self._pool.putconn(conn)  # a closed connection is discarded (and replaced)
+        return self._pool.getconn()
 
     def _all(self, query: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         with self._conn() as conn:
@@ -223,8 +271,55 @@ class PostgresBackend(Backend):
         return plan_dependencies(jobs, found)
 
     def _claim(self, worker_id: str, queues: Sequence[str], limit: int, lease: float) -> list[Job]:
-        params = {"worker": worker_id, "queues": list(queues), "limit": limit, "lease": lease}
-        return self._jobs("claim", params)
+        jobs = self._claimed_unanswered(worker_id)
+        if len(jobs) >= limit:
+            return jobs
+        params = {
+            "worker": worker_id,
+            "queues": list(queues),
+            "limit": limit - len(jobs),
+            "lease": lease,
+        }
+        try:
+            claimed = self._jobs("claim", params)
+        except DatabaseUnavailableError:
+            # The claim may have committed with its answer lost (the server restarted, the
+            # connection died): its jobs would be running under this worker unknown to it until
+            # their leases expired. Look for them before the next claim.
+            with self._claims_lock:
+                self._unanswered.setdefault(worker_id, self._last_claimed.get(worker_id))
+            raise
+        self._handed(worker_id, claimed)
+        return jobs + claimed
+
+    def _claimed_unanswered(self, worker_id: str) -> list[Job]:
+        """After a claim of ``worker_id`` failed: the jobs it took anyway, handed out now. They
+        are no more than the slots that claim asked for, which are still free: no claim of
+        this worker has succeeded since (claims of one worker run one at a time)."""
+        with self._claims_lock:
+            if worker_id not in self._unanswered:
+                return []
+            since = self._unanswered[worker_id]
+        found = self._jobs("claimed_unanswered", {"worker": worker_id, "since": since})
+        with self._claims_lock:
+            self._unanswered.pop(worker_id, None)
+        if found:
+            logger.warning(
+                "worker %s: a claim got no answer but took jobs %s: handing them out now",
+                worker_id,
+                [j.id for j in found],
+            )
+        self._handed(worker_id, found)
+        return found
+
+    def _handed(self, worker_id: str, jobs: Sequence[Job]) -> None:
+        """Remember the latest claim time of the jobs handed to ``worker_id``: an unanswered
+        claim's jobs are the ones claimed after it (claims of one worker run one at a time)."""
+        times = [j.attempted_at for j in jobs if j.attempted_at is not None]
+        if times:
+            with self._claims_lock:
+                last = self._last_claimed.get(worker_id)
+                self._last_claimed[worker_id] = max(times) if last is None else max(last, *times)
 
     def job_finish_many(self, worker_id: str, outcomes: Sequence[Outcome]) -> set[int]:
         if not outcomes:

@@ -61,6 +61,13 @@ SELECT * FROM conveyor_jobs
 -- name: claim
 SELECT * FROM conveyor_claim(%(worker)s, %(queues)s::text[], %(limit)s, %(lease)s)
 
+-- name: claimed_unanswered
+-- The jobs a claim of this worker took although its answer never arrived (the connection died
+-- after the commit): running under it, claimed after every job it was handed (%(since)s).
+SELECT * FROM conveyor_jobs
+ WHERE state = 'running' AND lease_owner = %(worker)s
+   AND (%(since)s::timestamptz IS NULL OR attempted_at > %(since)s::timestamptz)
+
 -- name: finish
 UPDATE conveyor_jobs j
    SET state = o.state,
