@@ -45,6 +45,7 @@ from ..dependencies import (
 )
 from ..migrate import POSTGRES_MIGRATIONS as MIGRATIONS
 from ..migrate import check_version
+from .listener import network_options
 
 try:
     import psycopg
@@ -112,7 +113,7 @@ class PostgresBackend(Backend):
             url,
             min_size=min_size,
             max_size=max_size,
-            kwargs={"autocommit": True, "row_factory": dict_row},
+            kwargs={"autocommit": True, "row_factory": dict_row, **network_options(url)},
             configure=_configure,
             open=False,
             name="conveyor",

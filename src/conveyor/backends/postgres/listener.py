@@ -37,6 +37,28 @@ def parse_ids(payload: str) -> list[int]:
     return out
 
 
+#: TCP settings every Conveyor connection gets unless its URL sets them: a silent network
+#: partition is noticed in about 10 s (keepalives on idle connections, tcp_user_timeout on
+#: unacknowledged writes) instead of the kernel's ~15 minutes, so the pool and the listener
+#: reconnect soon after the link returns.
+NETWORK_DEFAULTS: dict[str, Any] = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 10_000,
+}
+
+
+def network_options(url: str) -> dict[str, Any]:
+    """The :data:`NETWORK_DEFAULTS` that ``url`` does not set itself."""
+    import psycopg
+
+    given = psycopg.conninfo.conninfo_to_dict(url)
+    return {k: v for k, v in NETWORK_DEFAULTS.items() if k not in given}
+
+
 class Listener:
     """LISTEN on one channel in a thread with its own connection; ``on_notify(payload)`` for each
     notification, ``on_gap()`` whenever notifications may have been missed."""
@@ -74,7 +96,10 @@ class Listener:
         while not self._stop.is_set():
             try:
                 with psycopg.connect(
-                    self.url, autocommit=True, connect_timeout=5, application_name=APPLICATION_NAME
+                    self.url,
+                    autocommit=True,
+                    application_name=APPLICATION_NAME,
+                    **network_options(self.url),
                 ) as conn:
                     conn.execute(f"LISTEN {self.channel}")
                     self.listening.set()
