@@ -40,6 +40,9 @@ logger = logging.getLogger("conveyor.worker")
 #: Idle polling where the backend cannot push (SQLite across processes): from 1 ms, growing, to 50 ms.
 IDLE_POLL_MIN = 0.001
 IDLE_POLL_MAX = 0.05
+#: Longest wait for one database call during shutdown (hand-back, deregistration): a worker
+#: whose database is unreachable still exits soon after its grace period.
+SHUTDOWN_CALL_TIMEOUT = 5.0
 T = TypeVar("T")
 
 
@@ -116,6 +119,7 @@ class Worker:
         self._outbox: list[Outcome] = []
         self._stopping = False
         self._pushed = False
+        self._stuck_calls = False  # a shutdown call timed out: its thread may still be blocked
         self._idle_delay = IDLE_POLL_MIN
         self._claim_min = max(1, min(concurrency, batch_size) // 4)
         self._db_pool = ThreadPoolExecutor(4, thread_name_prefix="conveyor-db")
@@ -182,7 +186,7 @@ class Worker:
             await self._flush(give_up_after=10.0)
             await self._quietly(backend.worker_deregister, self.id)
             self._task_pool.shutdown(wait=False, cancel_futures=True)
-            self._db_pool.shutdown(wait=True)
+            self._db_pool.shutdown(wait=not self._stuck_calls, cancel_futures=True)
 
     def stop(self) -> None:
         """Stop claiming; running jobs get ``grace`` seconds, then go back to the queue."""
@@ -196,9 +200,19 @@ class Worker:
     async def _db(self, fn: Callable[..., T], *args: Any) -> T:
         return await self._loop.run_in_executor(self._db_pool, fn, *args)
 
+    async def _db_bounded(self, timeout: float, fn: Callable[..., T], *args: Any) -> T:
+        """A database call at shutdown: given up (TimeoutError) after ``timeout`` seconds, so an
+        unreachable database cannot hold the worker past its grace period. The call's thread
+        is left to finish or fail on its own."""
+        try:
+            return await asyncio.wait_for(self._db(fn, *args), max(timeout, 0.1))
+        except TimeoutError:
+            self._stuck_calls = True
+            raise TimeoutError(f"no answer from the database within {timeout:g} s") from None
+
     async def _quietly(self, fn: Callable[..., Any], *args: Any) -> None:
         try:
-            await self._db(fn, *args)
+            await self._db_bounded(SHUTDOWN_CALL_TIMEOUT, fn, *args)
         except Exception as exc:
             logger.warning("worker %s: %s failed: %s", self.id, getattr(fn, "__name__", fn), exc)
 
@@ -421,7 +435,13 @@ class Worker:
             while self._outbox:
                 batch = self._outbox[: self.batch_size]
                 try:
-                    applied = await self._db(self.app.backend.job_finish_many, self.id, batch)
+                    if give_up_after is None:
+                        applied = await self._db(self.app.backend.job_finish_many, self.id, batch)
+                    else:
+                        left = give_up_after - (time.monotonic() - started)
+                        applied = await self._db_bounded(
+                            left, self.app.backend.job_finish_many, self.id, batch
+                        )
                 except Exception as exc:
                     if give_up_after is not None and time.monotonic() - started > give_up_after:
                         logger.error(
@@ -503,8 +523,8 @@ class Worker:
         if remaining:
             ids = [a.job.id for a in remaining]
             try:
-                self.stats.handed_back += await self._db(
-                    self.app.backend.job_hand_back, self.id, ids
+                self.stats.handed_back += await self._db_bounded(
+                    SHUTDOWN_CALL_TIMEOUT, self.app.backend.job_hand_back, self.id, ids
                 )
             except Exception as exc:
                 logger.error("worker %s: hand-back failed (%s); leases will expire", self.id, exc)
