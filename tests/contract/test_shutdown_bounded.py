@@ -24,7 +24,7 @@ def test_a_shutdown_call_that_never_answers_is_given_up(app: Conveyor) -> None:
     async def scenario() -> float:
         worker._loop = asyncio.get_running_loop()
         t0 = time.monotonic()
-        with pytest.raises(TimeoutError, match="no answer from the database within 0.2 s"):
+        with pytest.raises(TimeoutError, match=r"no answer from the database within 0\.2 s"):
             await worker._db_bounded(0.2, hung_call)
         return time.monotonic() - t0
 

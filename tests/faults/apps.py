@@ -12,14 +12,12 @@ starts its workers with ``--app tests.faults.<module>:app``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import threading
 import time
 from typing import Any
 
 from conveyor import Conveyor, current_job
-from tests.integration.apps import Recorder
+from tests.integration.apps import Recorder, thread_db
 
 app = Conveyor()
 
@@ -38,21 +36,9 @@ def create_tables(url: str) -> None:
         rec.close()
 
 
-_local = threading.local()
-
-
 def _db(sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     """Run SQL on this thread's own recorder connection to the worker's database."""
-    rec: Recorder | None = getattr(_local, "rec", None)
-    if rec is None:
-        rec = _local.rec = Recorder(app.url)
-    try:
-        return rec.execute(sql, params)
-    except Exception:
-        _local.rec = None  # a dropped connection (database restart): reconnect next time
-        with contextlib.suppress(Exception):
-            rec.close()
-        raise
+    return thread_db(app.url, sql, params)
 
 
 def log_start() -> None:

@@ -14,6 +14,7 @@ named by the URL's search_path), so the test process can check what really ran, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import threading
@@ -72,12 +73,25 @@ def create_tables(url: str) -> None:
 _local = threading.local()
 
 
+def thread_db(url: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Run SQL on this thread's own recorder connection to ``url``. A failed statement drops
+    the connection (e.g. after a database restart): the next call reconnects."""
+    recorders: dict[str, Recorder] = _local.__dict__.setdefault("recorders", {})
+    rec = recorders.get(url)
+    if rec is None:
+        rec = recorders[url] = Recorder(url)
+    try:
+        return rec.execute(sql, params)
+    except Exception:
+        del recorders[url]
+        with contextlib.suppress(Exception):
+            rec.close()
+        raise
+
+
 def _db(sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     """Run SQL on this thread's recorder for the worker's own database."""
-    rec: Recorder | None = getattr(_local, "rec", None)
-    if rec is None:
-        rec = _local.rec = Recorder(app.url)
-    return rec.execute(sql, params)
+    return thread_db(app.url, sql, params)
 
 
 def _insert_execution() -> None:
