@@ -450,7 +450,9 @@ marker = pathlib.Path(sys.argv[2])
 
 @app.task(name="crash.deploy")
 def deploy(previous):
-    marker.write_text(str(previous))
+    partial = marker.with_suffix(".partial")
+    partial.write_text(str(previous))
+    partial.rename(marker)  # atomic: the test never reads a half-written marker
     time.sleep(600)  # killed in here
 
 asyncio.run(Worker(app, queues=["crash"], lease=30, poll_interval=0.01, worker_id="doomed").run())
