@@ -381,10 +381,7 @@ class Worker:
         if isinstance(exc, Cancel):
             return states.cancel(job, self.app.scrubber(job)(exc.reason), attempt.db_now())
         trace = "".join(traceback.format_exception(exc))
-        message = f"{type(exc).__name__}: {exc}"
-        shown = self.app.scrubber(job)(message)  # redacted argument values: "[redacted]"
-        logger.warning("job %s (%s) attempt %s failed: %s", job.id, job.task, job.attempt, shown)
-        return self._failure(attempt, "error", message, task, trace)
+        return self._failure(attempt, "error", f"{type(exc).__name__}: {exc}", task, trace)
 
     def _failure(
         self,
@@ -394,10 +391,15 @@ class Worker:
         task: Task[Any, Any] | None = None,
         trace: str | None = None,
     ) -> Outcome:
+        """A failed attempt, logged and stored with redacted argument values scrubbed from its
+        message and traceback."""
+        job = attempt.job
         backoff = task.backoff if task is not None else states.Backoff()
-        scrub = self.app.scrubber(attempt.job)  # redacted argument values: "[redacted]"
+        scrub = self.app.scrubber(job)
+        message = scrub(message)
+        logger.warning("job %s (%s) attempt %s failed: %s", job.id, job.task, job.attempt, message)
         trace = None if trace is None else scrub(trace)
-        return states.fail(attempt.job, kind, scrub(message), attempt.db_now(), backoff, trace)
+        return states.fail(job, kind, message, attempt.db_now(), backoff, trace)
 
     def _dead(self, attempt: _Attempt, kind: str, message: str) -> Outcome:
         logger.error("job %s: %s", attempt.job.id, message)
