@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import select
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -45,7 +44,7 @@ from ..dependencies import (
 )
 from ..migrate import POSTGRES_MIGRATIONS as MIGRATIONS
 from ..migrate import check_version
-from .listener import network_options
+from .listener import due_listener, finished_listener, network_options
 
 try:
     import psycopg
@@ -73,16 +72,14 @@ def _configure(conn: Any) -> None:
 def _alive(conn: Any) -> bool:
     """Whether an idle pooled connection still has its server, without a round trip: nothing
     arrives on an idle connection unless the server hung up (EOF, or a FATAL error first, as in
-    a fast shutdown or pg_terminate_backend); anything that did arrive is read to be sure."""
+    a fast shutdown or pg_terminate_backend); whatever arrived is read to be sure. PQconsumeInput
+    never blocks (libpq's socket is non-blocking), so no select(), which fails for fds >= 1024."""
     if conn.closed or conn.broken:
         return False
     try:
         for _ in range(3):  # a FATAL message, then EOF: two reads
-            readable, _, _ = select.select([conn.fileno()], [], [], 0)
-            if not readable:
-                break
             conn.pgconn.consume_input()
-    except (OSError, ValueError, psycopg.Error):
+    except psycopg.Error:
         return False
     return bool(conn.pgconn.status == psycopg.pq.ConnStatus.OK)
 
@@ -397,15 +394,11 @@ class PostgresBackend(Backend):
     def watch_finished(
         self, on_finished: Callable[[Iterable[int]], None], on_gap: Callable[[], None]
     ) -> Callable[[], None] | None:
-        from .listener import finished_listener
-
         return finished_listener(self.url, on_finished, on_gap).start()
 
     def watch_due(
         self, queues: Sequence[str], on_due: Callable[[], None], on_gap: Callable[[], None]
     ) -> Callable[[], None] | None:
-        from .listener import due_listener
-
         return due_listener(self.url, queues, on_due, on_gap).start()
 
     # -- history and retention ------------------------------------------------------------------

@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from ...job import Job
 from ...pipelines import Batch, JobSpec, Pipeline, PipelineNotFoundError
-from ..base import NewJob, job_from_row
+from ..base import NewJob
 from ..flows import EXPIRE_BATCH, FlowStore
 from . import QUERIES
+from .listener import Listener
 
 if TYPE_CHECKING:
     from . import PostgresBackend
@@ -36,7 +37,7 @@ class PostgresFlows(FlowStore):
         return self.backend._all(query, params)
 
     def _jobs(self, query: str, params: dict[str, Any]) -> list[Job]:
-        return [job_from_row(r) for r in self.backend._all(query, params)]
+        return self.backend._jobs(query, params)
 
     # -- pipelines ------------------------------------------------------------------------------
     def pipeline_start(
@@ -112,8 +113,6 @@ class PostgresFlows(FlowStore):
     def watch_flows(
         self, on_changed: Callable[[Iterable[str]], None], on_gap: Callable[[], None]
     ) -> Callable[[], None] | None:
-        from .listener import Listener
-
         def on_notify(payload: str) -> None:
             keys = [k.strip() for k in payload.split(",") if k.strip()]
             if keys:

@@ -8,7 +8,7 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
@@ -108,12 +108,18 @@ def _from_time(value: datetime | None) -> float | None:
     return value.timestamp()
 
 
-def _convert(row: sqlite3.Row) -> dict[str, Any]:
+def _convert(
+    row: sqlite3.Row,
+    times: Iterable[str] = _TIME_COLUMNS,
+    json_columns: Iterable[str] = _JSON_COLUMNS,
+) -> dict[str, Any]:
+    """The row with Python types: ``times`` (epoch seconds) as datetimes, ``json_columns``
+    decoded (the defaults: the columns of jobs, events and workers)."""
     out = dict(zip(row.keys(), row, strict=True))
-    for key in _TIME_COLUMNS:
+    for key in times:
         if key in out:
             out[key] = _to_time(out[key])
-    for key in _JSON_COLUMNS:
+    for key in json_columns:
         if key in out and out[key] is not None:
             out[key] = load_stored(out[key])
     return out
@@ -338,14 +344,11 @@ class SQLiteBackend(Backend):
         if not ids:
             return {}
         rows("take_write_lock", {})  # already held in our own BEGIN IMMEDIATE transactions
-        found = {
-            d.id: d
-            for d in (
-                Dependency.from_row(_convert(r))
-                for r in rows("dependency_states", {"ids": json.dumps(ids)})
-            )
-        }
-        return plan_dependencies(jobs, found)
+        deps = [
+            Dependency.from_row(_convert(r))
+            for r in rows("dependency_states", {"ids": json.dumps(ids)})
+        ]
+        return plan_dependencies(jobs, {d.id: d for d in deps})
 
     def _claim(self, worker_id: str, queues: Sequence[str], limit: int, lease: float) -> list[Job]:
         qjson = json.dumps(list(queues))

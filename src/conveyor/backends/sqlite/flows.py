@@ -18,7 +18,7 @@ from ...job import Job
 from ...pipelines import Batch, JobSpec, Pipeline
 from ..base import NewJob
 from ..flows import EXPIRE_BATCH, FlowStore
-from . import QUERIES, SQLiteBackend, _from_time, _job, _to_time
+from . import QUERIES, SQLiteBackend, _convert, _from_time, _job
 
 _TIMES = (
     "created_at",
@@ -31,23 +31,12 @@ _TIMES = (
 _JSON = ("steps", "on_complete", "result")  # a pipeline's error is plain text
 
 
-def _row(row: sqlite3.Row) -> dict[str, Any]:
-    out = dict(zip(row.keys(), row, strict=True))
-    for key in _TIMES:
-        if key in out:
-            out[key] = _to_time(out[key])
-    for key in _JSON:
-        if key in out and out[key] is not None:
-            out[key] = json.loads(out[key])
-    return out
-
-
 class SQLiteFlows(FlowStore):
     def __init__(self, backend: SQLiteBackend) -> None:
         self.backend = backend
 
     def _rows(self, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
-        return [_row(r) for r in self.backend._read(query, params)]
+        return [_convert(r, _TIMES, _JSON) for r in self.backend._read(query, params)]
 
     def _jobs(self, query: str, params: dict[str, Any]) -> list[Job]:
         return [_job(r) for r in self.backend._read(query, params)]
