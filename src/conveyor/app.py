@@ -22,6 +22,7 @@ from .options import (
     DEFAULT_QUEUE,
     ID_MAX,
     Options,
+    check_arguments,
     check_queue_name,
     check_task_name,
 )
@@ -38,7 +39,7 @@ from .pipelines import (
     pipeline_moved,
     spec_from_request,
 )
-from .redaction import Redaction, check_fields, env_fields
+from .redaction import Redaction, check_fields, env_fields, scrub_error
 from .results import DEFAULT_PUSH_POLL_INTERVAL, JobWaiter, Watcher, outcome
 from .services.pruner import Retention
 from .states import Backoff, BackoffPolicy
@@ -46,12 +47,13 @@ from .states import Backoff, BackoffPolicy
 P = ParamSpec("P")
 R = TypeVar("R")
 FlowRecord = TypeVar("FlowRecord", "Pipeline", "Batch")
-#: What waiting for a pipeline or batch needs: its key, how to read it, when it is ready, and
-#: the error once the time ran out (the arguments of ``Watcher.until`` but the timeout).
+#: What waiting for a pipeline or batch needs: its key, how to read it, when it is ready, the
+#: timeout and the error once the time ran out (the arguments of ``Watcher.until``).
 FlowWaiting = tuple[
     str,
     Callable[[], FlowRecord],
     Callable[[FlowRecord], bool],
+    float | None,
     Callable[[FlowRecord], Exception],
 ]
 
@@ -206,6 +208,7 @@ class Conveyor:
         self.max_payload_bytes = max_payload_bytes
         #: Argument fields redacted for every task (see redaction.py), $CONVEYOR_REDACT's included.
         self.redact = check_fields("Conveyor", redact) | env_fields()
+        self._redactions: dict[str, Redaction] = {}  # per registered task: see redaction()
         self.retention = retention or Retention()
         #: While waiting for results on PostgreSQL (which pushes), re-read the job this often.
         self.result_poll_interval = DEFAULT_PUSH_POLL_INTERVAL
@@ -340,11 +343,7 @@ class Conveyor:
         """Enqueue a task by name without requiring it to be registered here (for producers that
         do not import the workers' code). A worker without that task ends the job dead."""
         opts = Options.build(f"task {task}", **options)
-        if isinstance(args, str | bytes) or not isinstance(args, list | tuple):
-            raise ConfigurationError(f"args must be a list, not {type(args).__name__}")
-        if kwargs is not None and not isinstance(kwargs, dict):
-            raise ConfigurationError(f"kwargs must be a dict, not {type(kwargs).__name__}")
-        request = EnqueueRequest(check_task_name(task), tuple(args), dict(kwargs or {}), opts)
+        request = EnqueueRequest(check_task_name(task), *check_arguments(args, kwargs), opts)
         return self.enqueue_many([request], connection=connection)[0]
 
     def enqueue_many(self, requests: Iterable[EnqueueRequest], connection: Any = None) -> list[Job]:
@@ -465,7 +464,13 @@ class Conveyor:
         registered = self.tasks.get(task)
         if registered is None:  # no signature: every positional argument might be a secret
             return Redaction(self.redact, all_positions=bool(self.redact))
-        return Redaction.for_function(self.redact | registered.redact, registered.fn)
+        # Built once per task (reading the signature is the costly part), again only if
+        # ``self.redact`` was reassigned since.
+        names = self.redact | registered.redact
+        rules = self._redactions.get(task)
+        if rules is None or rules.names != names:
+            rules = self._redactions[task] = Redaction.for_function(names, registered.fn)
+        return rules
 
     def scrubber(self, job: Job) -> Callable[[str], str]:
         """A function that replaces each redacted argument value of ``job`` in a text (an error
@@ -491,10 +496,13 @@ class Conveyor:
             errors=errors,
         )
 
-    def redacted_event(self, job: Job, event: JobEvent) -> JobEvent:
-        """``event`` of ``job`` with the job's redacted values scrubbed from its error."""
-        error = scrub_error(event.error, self.scrubber(job))
-        return event if error is event.error else dataclasses.replace(event, error=error)
+    def redacted_history(self, job: Job, events: Iterable[JobEvent]) -> list[JobEvent]:
+        """``events`` of ``job`` with the job's redacted values scrubbed from their errors."""
+        scrub = self.scrubber(job)
+        return [
+            e if e.error is None else dataclasses.replace(e, error=scrub_error(e.error, scrub))
+            for e in events
+        ]
 
     def stats(self) -> list[QueueStats]:
         return self.backend.stats()
@@ -515,17 +523,14 @@ class Conveyor:
         kwargs: dict[str, Any] | None = None,
     ) -> Pipeline:
         """Start a run of ``definition`` (what ``definition.start(...)`` calls)."""
-        if isinstance(args, str | bytes) or not isinstance(args, list | tuple):
-            raise ConfigurationError(f"args must be a list, not {type(args).__name__}")
-        if kwargs is not None and not isinstance(kwargs, dict):
-            raise ConfigurationError(f"kwargs must be a dict, not {type(kwargs).__name__}")
+        start_args, start_kwargs = check_arguments(args, kwargs)
         limit = self.max_payload_bytes
         pipeline = self.flows.pipeline_start(
             definition.name,
             check_entity(entity),
             [step.spec for step in definition.steps],
-            serialization.dumps(list(args), "args", limit),
-            serialization.dumps(kwargs or {}, "kwargs", limit),
+            serialization.dumps(list(start_args), "args", limit),
+            serialization.dumps(start_kwargs, "kwargs", limit),
         )
         self._wake_workers()
         return self._bind_flow(pipeline)
@@ -556,27 +561,24 @@ class Conveyor:
     def pipeline_result(self, pipeline_id: int, timeout: float | None = None) -> Any:
         """Wait (at most ``timeout`` s; None: for ever) for the pipeline to finish; the last
         step's result. PipelineFailedError if it failed or was cancelled, TimeoutError."""
-        return _pipeline_outcome(
-            self._wait_flow(self._pipeline_waiting(pipeline_id, timeout, None), timeout)
-        )
+        return _pipeline_outcome(self._wait_flow(self._pipeline_waiting(pipeline_id, timeout)))
 
     async def pipeline_result_async(self, pipeline_id: int, timeout: float | None = None) -> Any:
-        waiting = self._pipeline_waiting(pipeline_id, timeout, None)
-        return _pipeline_outcome(await self._wait_flow_async(waiting, timeout))
+        waiting = self._pipeline_waiting(pipeline_id, timeout)
+        return _pipeline_outcome(await self._wait_flow_async(waiting))
 
     def wait_pipeline_change(self, since: Pipeline, timeout: float | None = None) -> Pipeline:
         """Wait until the pipeline moved on from the snapshot ``since`` (another step, or
         finished); the new snapshot. TimeoutError if it did not within ``timeout`` seconds."""
-        return self._wait_flow(self._pipeline_waiting(since.id, timeout, since), timeout)
+        return self._wait_flow(self._pipeline_waiting(since.id, timeout, since))
 
     async def wait_pipeline_change_async(
         self, since: Pipeline, timeout: float | None = None
     ) -> Pipeline:
-        waiting = self._pipeline_waiting(since.id, timeout, since)
-        return await self._wait_flow_async(waiting, timeout)
+        return await self._wait_flow_async(self._pipeline_waiting(since.id, timeout, since))
 
     def _pipeline_waiting(
-        self, pipeline_id: int, timeout: float | None, since: Pipeline | None
+        self, pipeline_id: int, timeout: float | None, since: Pipeline | None = None
     ) -> FlowWaiting[Pipeline]:
         def ready(now: Pipeline) -> bool:
             return now.state.terminal if since is None else pipeline_moved(since, now)
@@ -590,7 +592,7 @@ class Conveyor:
         def read() -> Pipeline:
             return self.flows.pipeline_get(pipeline_id)
 
-        return pipeline_key(pipeline_id), read, ready, timed_out
+        return pipeline_key(pipeline_id), read, ready, timeout, timed_out
 
     # -- batches --------------------------------------------------------------------------------
     def batch(
@@ -632,21 +634,21 @@ class Conveyor:
     def batch_result(self, batch_id: int, timeout: float | None = None) -> Batch:
         """Wait (at most ``timeout`` s; None: for ever) until every job of the batch finished;
         the completed batch. TimeoutError if the time ran out first."""
-        return self._wait_flow(self._batch_waiting(batch_id, timeout, None), timeout)
+        return self._wait_flow(self._batch_waiting(batch_id, timeout))
 
     async def batch_result_async(self, batch_id: int, timeout: float | None = None) -> Batch:
-        return await self._wait_flow_async(self._batch_waiting(batch_id, timeout, None), timeout)
+        return await self._wait_flow_async(self._batch_waiting(batch_id, timeout))
 
     def wait_batch_change(self, since: Batch, timeout: float | None = None) -> Batch:
         """Wait until a job of the batch finished (or it completed) since the snapshot
         ``since``; the new snapshot. TimeoutError if none did within ``timeout`` seconds."""
-        return self._wait_flow(self._batch_waiting(since.id, timeout, since), timeout)
+        return self._wait_flow(self._batch_waiting(since.id, timeout, since))
 
     async def wait_batch_change_async(self, since: Batch, timeout: float | None = None) -> Batch:
-        return await self._wait_flow_async(self._batch_waiting(since.id, timeout, since), timeout)
+        return await self._wait_flow_async(self._batch_waiting(since.id, timeout, since))
 
     def _batch_waiting(
-        self, batch_id: int, timeout: float | None, since: Batch | None
+        self, batch_id: int, timeout: float | None, since: Batch | None = None
     ) -> FlowWaiting[Batch]:
         def ready(now: Batch) -> bool:
             return now.complete if since is None else batch_moved(since, now)
@@ -660,19 +662,14 @@ class Conveyor:
         def read() -> Batch:
             return self.flows.batch_get(batch_id)
 
-        return batch_key(batch_id), read, ready, timed_out
+        return batch_key(batch_id), read, ready, timeout, timed_out
 
     # -- waiting for pipelines and batches ------------------------------------------------------
-    def _wait_flow(self, waiting: FlowWaiting[FlowRecord], timeout: float | None) -> FlowRecord:
-        key, read, ready, timed_out = waiting
-        return self._bind_flow(self._flow_waiter.until(key, read, ready, timeout, timed_out))
+    def _wait_flow(self, waiting: FlowWaiting[FlowRecord]) -> FlowRecord:
+        return self._bind_flow(self._flow_waiter.until(*waiting))
 
-    async def _wait_flow_async(
-        self, waiting: FlowWaiting[FlowRecord], timeout: float | None
-    ) -> FlowRecord:
-        key, read, ready, timed_out = waiting
-        found = await self._flow_waiter.until_async(key, read, ready, timeout, timed_out)
-        return self._bind_flow(found)
+    async def _wait_flow_async(self, waiting: FlowWaiting[FlowRecord]) -> FlowRecord:
+        return self._bind_flow(await self._flow_waiter.until_async(*waiting))
 
     def _bind_flow(self, record: FlowRecord) -> FlowRecord:
         """Let this snapshot wait for itself and act through this app (like ``_bind``)."""
@@ -708,13 +705,6 @@ def _job_id(job_id: object) -> int:
     if not 1 <= job_id <= ID_MAX:
         raise JobNotFoundError(f"no job with id {job_id}")
     return job_id
-
-
-def scrub_error(error: Any, scrub: Callable[[str], str]) -> Any:
-    """An error entry (kind, message, traceback, ...) with ``scrub`` applied to its texts."""
-    if not isinstance(error, dict):
-        return error
-    return {k: scrub(v) if isinstance(v, str) else v for k, v in error.items()}
 
 
 def _pipeline_outcome(pipeline: Pipeline) -> Any:

@@ -15,7 +15,7 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import click
@@ -48,6 +48,16 @@ def _echo(text: object) -> None:
 def _cells(*values: object) -> list[Text]:
     """Table cells as plain text: never read as rich markup (``[link=...]``, ``[bold]``)."""
     return [Text(_printable(v)) for v in values]
+
+
+def _table(columns: Iterable[str], rows: Iterable[Iterable[object]]) -> Table:
+    """A table of these columns, each row's values as plain-text cells (see ``_cells``)."""
+    table = Table()
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*_cells(*row))
+    return table
 
 
 def load_app(spec: str) -> Conveyor:
@@ -390,23 +400,21 @@ def jobs_list(
     if as_json:
         click.echo(json.dumps([job_dict(j) for j in rows], indent=2, default=str))
         return
-    table = Table()
-    for col in ("id", "queue", "task", "state", "attempt", "snoozes", "run_at", "error"):
-        table.add_column(col)
-    for j in rows:
-        table.add_row(
-            *_cells(
-                j.id,
-                j.queue,
-                j.task,
-                j.state.value,
-                f"{j.attempt}/{j.max_attempts}",
-                str(j.snoozes),
-                j.run_at.isoformat(timespec="seconds"),
-                (j.error or "")[:60],
-            )
+    columns = ("id", "queue", "task", "state", "attempt", "snoozes", "run_at", "error")
+    cells = (
+        (
+            j.id,
+            j.queue,
+            j.task,
+            j.state.value,
+            f"{j.attempt}/{j.max_attempts}",
+            j.snoozes,
+            j.run_at.isoformat(timespec="seconds"),
+            (j.error or "")[:60],
         )
-    console.print(table)
+        for j in rows
+    )
+    console.print(_table(columns, cells))
 
 
 def job_dict(job: Job) -> dict[str, Any]:
@@ -424,7 +432,7 @@ def job_dict(job: Job) -> dict[str, Any]:
 def jobs_show(app: Conveyor, job_id: int, as_json: bool) -> None:
     """Everything about one job, with its error history and its history of transitions."""
     stored = app.get_job(job_id)
-    history = [app.redacted_event(stored, e) for e in app.job_history(job_id)]
+    history = app.redacted_history(stored, app.job_history(job_id))
     job = app.redacted(stored)  # redacted fields and their values in error text: "[redacted]"
     data = job_dict(job)
     data["depends_on"] = app.job_dependencies(job_id)
@@ -524,23 +532,21 @@ def pipelines_list(
     if as_json:
         click.echo(json.dumps([pipeline_dict(p) for p in rows], indent=2, default=str))
         return
-    table = Table()
-    for col in ("id", "name", "entity", "state", "step", "step started", "created", "error"):
-        table.add_column(col)
-    for p in rows:
-        table.add_row(
-            *_cells(
-                p.id,
-                p.name,
-                p.entity or "",
-                p.state.value,
-                f"{p.current_step + 1}/{len(p.steps)} {p.step}",
-                _time(p.step_started_at),
-                _time(p.created_at),
-                (p.error or "")[:60],
-            )
+    columns = ("id", "name", "entity", "state", "step", "step started", "created", "error")
+    cells = (
+        (
+            p.id,
+            p.name,
+            p.entity or "",
+            p.state.value,
+            f"{p.current_step + 1}/{len(p.steps)} {p.step}",
+            _time(p.step_started_at),
+            _time(p.created_at),
+            (p.error or "")[:60],
         )
-    console.print(table)
+        for p in rows
+    )
+    console.print(_table(columns, cells))
 
 
 def _time(value: Any) -> str:

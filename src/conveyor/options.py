@@ -61,6 +61,19 @@ def check_task_name(name: object) -> str:
     return check_name("task", name)
 
 
+def check_arguments(
+    args: object, kwargs: object, where: str | None = None
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A job's positional and keyword arguments as given (a list or tuple, a dict or None), as a
+    tuple and a dict; ConfigurationError (prefixed with ``where``) for other shapes."""
+    prefix = "" if where is None else f"{where}: "
+    if isinstance(args, str | bytes) or not isinstance(args, list | tuple):
+        raise ConfigurationError(f"{prefix}args must be a list, not {type(args).__name__}")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise ConfigurationError(f"{prefix}kwargs must be a dict, not {type(kwargs).__name__}")
+    return tuple(args), dict(kwargs or {})
+
+
 def _number(name: str, value: object, minimum: float, strict: bool = False) -> float:
     """A number of seconds, at least ``minimum`` and at most MAX_DELAY."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):

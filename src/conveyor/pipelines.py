@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from . import serialization
 from .errors import ConfigurationError, ConveyorError
-from .options import DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Options, check_name
+from .options import DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Options, check_arguments, check_name
 
 if TYPE_CHECKING:
     from .app import Conveyor, EnqueueRequest, Task
@@ -124,17 +124,14 @@ class JobSpec:
                 "here (the database enqueues this job later: it is due when enqueued, depends on "
                 "nothing else, and is never deduplicated)"
             )
-        if isinstance(args, str | bytes) or not isinstance(args, list | tuple):
-            raise ConfigurationError(f"{where}: args must be a list, not {type(args).__name__}")
-        if kwargs is not None and not isinstance(kwargs, dict):
-            raise ConfigurationError(f"{where}: kwargs must be a dict, not {type(kwargs).__name__}")
+        args, kwargs = check_arguments(args, kwargs, where)
         serialization.dumps(list(args), f"{where} args", max_payload_bytes)
-        serialization.dumps(kwargs or {}, f"{where} kwargs", max_payload_bytes)
+        serialization.dumps(kwargs, f"{where} kwargs", max_payload_bytes)
         return cls(
             task=task,
             queue=options.queue or DEFAULT_QUEUE,
-            args=tuple(args),
-            kwargs=dict(kwargs or {}),
+            args=args,
+            kwargs=kwargs,
             priority=options.priority or 0,
             max_attempts=options.max_attempts or DEFAULT_MAX_ATTEMPTS,
             max_snoozes=options.max_snoozes,

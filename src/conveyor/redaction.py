@@ -187,6 +187,14 @@ def _texts(value: Any) -> Iterator[str]:
         yield json.dumps(value)
 
 
+def scrub_error(error: Any, clean: Callable[[str], str]) -> Any:
+    """An error entry (kind, message, traceback, ...) with ``clean`` (a scrubber) applied to its
+    texts."""
+    if not isinstance(error, dict):
+        return error
+    return {k: clean(v) if isinstance(v, str) else v for k, v in error.items()}
+
+
 def scrub(text: str, secrets: Sequence[str]) -> str:
     """``text`` with every occurrence of each secret (longest first) replaced by REDACTED."""
     if not isinstance(text, str):
