@@ -18,7 +18,7 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import pytest
 
-from conveyor import Conveyor, Job, Worker
+from conveyor import Conveyor, Job, JobNotFoundError, Worker
 
 WORKER = "worker-a"
 
@@ -58,6 +58,34 @@ def running_worker(app: Conveyor, **options: Any) -> Iterator[Worker]:
         thread.join(timeout=30)
         assert not thread.is_alive(), "the worker did not stop"
         assert not errors, errors
+
+
+def together(*actions: Callable[[], Any]) -> None:
+    """Run the actions in threads released at the same instant; re-raise their errors."""
+    start = threading.Barrier(len(actions))
+    errors: list[BaseException] = []
+
+    def run(action: Callable[[], Any]) -> None:
+        try:
+            start.wait(timeout=10)
+            action()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(a,)) for a in actions]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not errors, errors
+
+
+def job_exists(app: Conveyor, job_id: int) -> bool:
+    try:
+        app.get_job(job_id)
+    except JobNotFoundError:
+        return False
+    return True
 
 
 def is_sqlite(url: str) -> bool:
@@ -118,6 +146,14 @@ class RawDB:
 
     def close(self) -> None:
         self.conn.close()
+
+
+@pytest.fixture
+def other_app(app: Conveyor) -> Iterator[Conveyor]:
+    """A second app on the same database: another process's connections."""
+    other = Conveyor(app.url)
+    yield other
+    other.close()
 
 
 @pytest.fixture

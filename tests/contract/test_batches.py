@@ -10,7 +10,6 @@ import asyncio
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from typing import Any
 
@@ -21,7 +20,7 @@ from conveyor.backends.base import NewJob
 from conveyor.pipelines import Batch, BatchNotFoundError
 from conveyor.states import Backoff, cancel, fail, succeed
 
-from .conftest import RawDB, running_worker, wait_until
+from .conftest import RawDB, running_worker, together, wait_until
 
 
 class Calls:
@@ -52,14 +51,6 @@ def _reports_of(app: Conveyor, batch_id: int, task: str = "b.report") -> list[in
         for j in app.list_jobs(task=task, limit=10_000)
         if j.args[0].get("batch_id") == batch_id
     ]
-
-
-@pytest.fixture
-def other_app(app: Conveyor) -> Iterator[Conveyor]:
-    """A second app on the same database: another process's connections."""
-    other = Conveyor(app.url)
-    yield other
-    other.close()
 
 
 def test_a_500_job_batch_over_8_workers_completes_once_with_the_right_counts(
@@ -110,26 +101,6 @@ def test_a_500_job_batch_over_8_workers_completes_once_with_the_right_counts(
     assert callback.created_at == done.completed_at
 
 
-def _together(*actions: Callable[[], Any]) -> None:
-    """Run the actions in threads released at the same instant; re-raise their errors."""
-    start = threading.Barrier(len(actions))
-    errors: list[BaseException] = []
-
-    def run(action: Callable[[], Any]) -> None:
-        try:
-            start.wait(timeout=10)
-            action()
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(a,)) for a in actions]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
-    assert not errors, errors
-
-
 def test_the_last_two_jobs_finishing_at_once_complete_the_batch_exactly_once(
     app: Conveyor, other_app: Conveyor
 ) -> None:
@@ -146,7 +117,7 @@ def test_the_last_two_jobs_finishing_at_once_complete_the_batch_exactly_once(
         (jy,) = other_app.backend.job_fetch_available("wy", [f"y{round_}"], 1, 30)
         dead = fail(jy, "error", "boom", app.backend.db_now(), Backoff())
         assert dead.state == JobState.DEAD
-        _together(
+        together(
             lambda jx=jx: app.backend.job_finish_many("wx", [succeed(jx, "1")]),
             lambda jy=jy, dead=dead: other_app.backend.job_finish_many("wy", [dead]),
         )

@@ -8,7 +8,6 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -27,7 +26,7 @@ from conveyor.backends.base import NewJob
 from conveyor.cli import main
 from conveyor.states import Backoff, cancel, fail, succeed
 
-from .conftest import RawDB, running_worker
+from .conftest import RawDB, running_worker, together
 
 W, Q, R, S, D, C = (
     JobState.WAITING,
@@ -315,34 +314,6 @@ def test_a_long_chain_is_released_link_by_link_and_cancelled_at_once(app: Convey
 # -- races --------------------------------------------------------------------------------------
 
 
-def _together(*actions: Callable[[], Any]) -> None:
-    """Run the actions in threads released at the same instant; re-raise their errors."""
-    start = threading.Barrier(len(actions))
-    errors: list[BaseException] = []
-
-    def run(action: Callable[[], Any]) -> None:
-        try:
-            start.wait(timeout=10)
-            action()
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(a,)) for a in actions]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
-    assert not errors, errors
-
-
-@pytest.fixture
-def other_app(app: Conveyor) -> Any:
-    """A second app on the same database: another process's connections."""
-    other = Conveyor(app.url)
-    yield other
-    other.close()
-
-
 def test_two_dependencies_finishing_at_once_always_release_their_dependent(
     app: Conveyor, other_app: Conveyor
 ) -> None:
@@ -351,7 +322,7 @@ def test_two_dependencies_finishing_at_once_always_release_their_dependent(
         d = _new(app, f"d{round_}", a.id, b.id)
         (ja,) = app.backend.job_fetch_available("wa", [f"a{round_}"], 1, 30)
         (jb,) = other_app.backend.job_fetch_available("wb", [f"b{round_}"], 1, 30)
-        _together(
+        together(
             lambda ja=ja: app.backend.job_finish_many("wa", [succeed(ja, "1")]),
             lambda jb=jb: other_app.backend.job_finish_many("wb", [succeed(jb, "2")]),
         )
@@ -368,7 +339,7 @@ def test_enqueueing_while_the_dependency_finishes_never_strands_the_job(
         a = _new(app, f"r{round_}")
         (claimed,) = app.backend.job_fetch_available("w", [f"r{round_}"], 1, 30)
         added: list[Job] = []
-        _together(
+        together(
             lambda c=claimed: other_app.backend.job_finish_many("w", [succeed(c, "1")]),
             lambda a=a, added=added: added.append(race.options(depends_on=[a]).enqueue()),
         )

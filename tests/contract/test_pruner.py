@@ -5,7 +5,6 @@ prunes per interval."""
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -13,13 +12,13 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from conveyor import ConfigurationError, Conveyor, JobNotFoundError, JobState, Worker
+from conveyor import ConfigurationError, Conveyor, JobState, Worker
 from conveyor.backends.base import NewJob
 from conveyor.cli import main
 from conveyor.services.pruner import DAY, Pruner, PruneResult, Retention
 from conveyor.states import Backoff, cancel, fail, succeed
 
-from .conftest import RawDB, claim_one, running_worker, wait_until
+from .conftest import RawDB, claim_one, job_exists, running_worker, together, wait_until
 
 S, D, C = JobState.SUCCEEDED, JobState.DEAD, JobState.CANCELLED
 
@@ -42,14 +41,6 @@ def _finished(app: Conveyor, state: JobState, n: int = 1) -> list[int]:
     return [j.id for j in claimed]
 
 
-def _exists(app: Conveyor, job_id: int) -> bool:
-    try:
-        app.get_job(job_id)
-    except JobNotFoundError:
-        return False
-    return True
-
-
 def _later(app: Conveyor, days: float) -> datetime:
     return app.backend.db_now() + timedelta(days=days)
 
@@ -70,21 +61,21 @@ def test_pruner_deletes_only_what_is_past_retention(app: Conveyor, raw: RawDB) -
 
     assert pruner.run_once().total_jobs == 0  # nothing is old yet
     assert pruner.run_once(_later(app, 6.9)).total_jobs == 0
-    assert all(_exists(app, i) for i in everything)
+    assert all(job_exists(app, i) for i in everything)
 
     week = pruner.run_once(_later(app, 7.1))
     assert week.jobs == {"succeeded": 3, "cancelled": 2, "dead": 0} and week.events == 0
-    assert not any(_exists(app, i) for i in [*succeeded, *cancelled])
-    assert all(_exists(app, i) for i in [*dead, *active])
+    assert not any(job_exists(app, i) for i in [*succeeded, *cancelled])
+    assert all(job_exists(app, i) for i in [*dead, *active])
     gone = [*succeeded, *cancelled]
     assert all(app.backend.job_events(i) == [] for i in gone)  # their history went with them
     assert all(app.backend.job_events(i) for i in [*dead, *active])
 
     month = pruner.run_once(_later(app, 30.1))
     assert month.jobs == {"succeeded": 0, "cancelled": 0, "dead": 2}
-    assert not any(_exists(app, i) for i in dead)
+    assert not any(job_exists(app, i) for i in dead)
     # active jobs are never pruned, however old; their events past 30 days are
-    assert all(_exists(app, i) for i in active)
+    assert all(job_exists(app, i) for i in active)
     assert month.events == 1 + 2 + 3  # queued: enqueued; running: + claimed; retrying: + failed
     assert all(app.job_history(i) == [] for i in active)
     assert raw.scalar("SELECT count(*) FROM conveyor_job_events") == 0
@@ -99,8 +90,8 @@ def test_retention_is_configurable_per_state(app: Conveyor) -> None:
     assert pruner.run_once(_later(app, 1.5 / 24)).jobs == {"succeeded": 1, "dead": 0}
     result = pruner.run_once(_later(app, 3650))
     assert result.jobs == {"succeeded": 0, "dead": 1} and result.events == 0
-    assert not _exists(app, succeeded[0]) and not _exists(app, dead[0])
-    assert _exists(app, cancelled[0]) and app.job_history(cancelled[0])  # kept for ever
+    assert not job_exists(app, succeeded[0]) and not job_exists(app, dead[0])
+    assert job_exists(app, cancelled[0]) and app.job_history(cancelled[0])  # kept for ever
 
 
 def test_retention_and_pruner_reject_bad_settings(app: Conveyor) -> None:
@@ -146,40 +137,25 @@ def test_pruner_deletes_in_bounded_batches(app: Conveyor) -> None:
     ]
     assert result.jobs == {"succeeded": 25, "cancelled": 0, "dead": 10}
     assert result.statements == 7
-    assert not any(_exists(app, i) for i in [*succeeded, *dead])
+    assert not any(job_exists(app, i) for i in [*succeeded, *dead])
 
 
 def test_two_pruners_at_once_are_safe(app: Conveyor, raw: RawDB) -> None:
     old = _finished(app, S, 400)
     kept = _finished(app, D, 5)
     apps = [Conveyor(app.url), Conveyor(app.url)]  # two processes' worth of connections
-    start = threading.Barrier(2)
+    pruners = [Pruner(a.backend, batch_size=25) for a in apps]
     results: list[PruneResult] = []
-    errors: list[BaseException] = []
     now = _later(app, 8)
-
-    def prune(other: Conveyor) -> None:
-        try:
-            pruner = Pruner(other.backend, batch_size=25)
-            start.wait(timeout=10)
-            results.append(pruner.run_once(now))
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=prune, args=(a,)) for a in apps]
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=60)
+        together(*(lambda p=p: results.append(p.run_once(now)) for p in pruners))
     finally:
         for a in apps:
             a.close()
-    assert not errors, errors
     assert len(results) == 2
     # every old job deleted exactly once, between them; nothing else touched
     assert sum(r.jobs.get("succeeded", 0) for r in results) == len(old)
-    assert raw.count_jobs() == len(kept) and all(_exists(app, i) for i in kept)
+    assert raw.count_jobs() == len(kept) and all(job_exists(app, i) for i in kept)
     assert raw.scalar("SELECT count(*) FROM conveyor_job_events") == 3 * len(kept)
 
 
@@ -192,7 +168,7 @@ def test_a_pruner_skips_its_run_while_another_holds_the_lock(app: Conveyor) -> N
             result = Pruner(app.backend).run_once(_later(app, 8))
         if app.backend.name == "postgres":  # the advisory lock excludes every other process
             assert result.skipped and result.total_jobs == 0
-            assert all(_exists(app, i) for i in old)
+            assert all(job_exists(app, i) for i in old)
             assert Pruner(app.backend).run_once(_later(app, 8)).jobs["succeeded"] == 3
         else:  # SQLite: the writer lock serializes each batch; nothing to skip
             assert not result.skipped and result.jobs["succeeded"] == 3
@@ -202,22 +178,15 @@ def test_a_pruner_skips_its_run_while_another_holds_the_lock(app: Conveyor) -> N
 
 def test_one_worker_of_the_fleet_prunes_per_interval(app: Conveyor) -> None:
     contenders = 8
-    start = threading.Barrier(contenders)
     won: list[str] = []
     apps = [Conveyor(app.url) for _ in range(contenders)]
 
     def claim(i: int) -> None:
-        backend = apps[i].backend
-        start.wait(timeout=10)
-        if backend.leader_claim("prune", f"w{i}", 3600):
+        if apps[i].backend.leader_claim("prune", f"w{i}", 3600):
             won.append(f"w{i}")
 
-    threads = [threading.Thread(target=claim, args=(i,)) for i in range(contenders)]
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=30)
+        together(*(lambda i=i: claim(i) for i in range(contenders)))
     finally:
         for a in apps:
             a.close()
@@ -252,7 +221,7 @@ def test_conveyor_prune_runs_one_pass_now(app: Conveyor, db_url: str) -> None:
         "events": 0,
         "skipped": False,
     }
-    assert not any(_exists(app, i) for i in old)
+    assert not any(job_exists(app, i) for i in old)
 
 
 def test_a_worker_prunes_in_the_background(db_url: str) -> None:
@@ -266,7 +235,7 @@ def test_a_worker_prunes_in_the_background(db_url: str) -> None:
 
         job = short.enqueue()
         with running_worker(app, poll_interval=0.01, prune_interval=0.1) as worker:
-            wait_until(lambda: not _exists(app, job.id), 20, "the worker to prune the job")
+            wait_until(lambda: not job_exists(app, job.id), 20, "the worker to prune the job")
         assert worker.stats.pruned_jobs == 1
         assert app.backend.job_events(job.id) == []
     finally:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -229,23 +229,15 @@ def test_waiting_does_not_poll_tightly(app: Conveyor) -> None:
         assert 8 <= len(reads) <= 16
 
 
-@pytest.fixture
-def finisher(app: Conveyor) -> Iterator[Conveyor]:
-    """A second app on the same database, as another process finishing jobs would be."""
-    other = Conveyor(app.url)
-    yield other
-    other.close()
-
-
 def test_a_waiter_wakes_promptly_when_another_process_finishes_the_job(
-    app: Conveyor, finisher: Conveyor
+    app: Conveyor, other_app: Conveyor
 ) -> None:
     app.result_poll_interval = 60.0  # PostgreSQL: only the notification can wake it in time
     job = app.enqueue_raw("r.remote")
     thread, out = _in_thread(lambda: job.result(timeout=30))
     wait_until(lambda: _waiting_on(app, job.id), 10, "the waiter to start waiting")
-    (claimed,) = finisher.backend.job_fetch_available("remote", ["default"], 1, 30)
-    finisher.backend.job_finish_many("remote", [succeed(claimed, '"from afar"')])
+    (claimed,) = other_app.backend.job_fetch_available("remote", ["default"], 1, 30)
+    other_app.backend.job_finish_many("remote", [succeed(claimed, '"from afar"')])
     finished_at = time.monotonic()
     thread.join(timeout=30)
     assert out.get("value") == "from afar", out
@@ -253,7 +245,7 @@ def test_a_waiter_wakes_promptly_when_another_process_finishes_the_job(
 
 
 def test_every_job_of_a_large_batched_finish_wakes_its_waiter(
-    app: Conveyor, finisher: Conveyor
+    app: Conveyor, other_app: Conveyor
 ) -> None:
     """Notifications carry at most 300 ids each; a batch of 1000 sends several."""
     app.result_poll_interval = 60.0
@@ -262,9 +254,9 @@ def test_every_job_of_a_large_batched_finish_wakes_its_waiter(
     middle = app.get_job(jobs[650].id)
     waiters = [_in_thread(lambda j=j: j.result(timeout=30)) for j in (last, middle)]  # type: ignore[misc]
     wait_until(lambda: _waiting_on(app, last.id) and _waiting_on(app, middle.id), 10, "waiters")
-    claimed = finisher.backend.job_fetch_available("w", ["bulk"], 1000, 30)
+    claimed = other_app.backend.job_fetch_available("w", ["bulk"], 1000, 30)
     assert len(claimed) == 1000
-    finisher.backend.job_finish_many("w", [succeed(j, str(j.id)) for j in claimed])
+    other_app.backend.job_finish_many("w", [succeed(j, str(j.id)) for j in claimed])
     finished_at = time.monotonic()
     for thread, out in waiters:
         thread.join(timeout=30)

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from conveyor import ConfigurationError, Conveyor, InvalidArgumentsError, JobNotFoundError
+from conveyor import ConfigurationError, Conveyor, InvalidArgumentsError
 from conveyor.backends.base import NewJob
 
-from .conftest import RawDB
+from .conftest import RawDB, job_exists
 
 
 @pytest.fixture
@@ -48,14 +48,6 @@ def _task(app: Conveyor) -> Any:
     return ship
 
 
-def _exists(app: Conveyor, job_id: int) -> bool:
-    try:
-        app.get_job(job_id)
-    except JobNotFoundError:
-        return False
-    return True
-
-
 def test_job_exists_only_once_the_caller_commits(app: Conveyor, conn: Any, raw: RawDB) -> None:
     ship = _task(app)
     conn.execute("INSERT INTO orders (id, item) VALUES (1, 'book')")
@@ -63,7 +55,7 @@ def test_job_exists_only_once_the_caller_commits(app: Conveyor, conn: Any, raw: 
 
     assert job.id > 0 and job.args == [1]
     assert _in_transaction(conn), "Conveyor must not commit the caller's transaction"
-    assert not _exists(app, job.id), "visible before the caller committed"
+    assert not job_exists(app, job.id), "visible before the caller committed"
     assert raw.count_jobs() == 0
 
     conn.commit()
@@ -87,7 +79,7 @@ def test_rollback_leaves_neither_the_job_nor_the_callers_writes(
     assert raw.count_jobs() == 1
     assert raw.scalar("SELECT count(*) FROM orders") == 0
     for job in jobs:
-        assert not _exists(app, job.id)
+        assert not job_exists(app, job.id)
     assert app.get_job(kept.id) == kept
     # the app works normally afterwards (SQLite may reuse the rolled-back ids: they never existed)
     later = ship.enqueue(4)
@@ -116,7 +108,7 @@ def test_bad_arguments_leave_the_callers_transaction_usable(
     job = ship.enqueue(3, connection=conn)
     conn.commit()
     assert raw.scalar("SELECT count(*) FROM orders") == 1
-    assert raw.count_jobs() == 1 and _exists(app, job.id)
+    assert raw.count_jobs() == 1 and job_exists(app, job.id)
 
 
 def test_a_connection_of_the_wrong_kind_is_refused(

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from conveyor import Conveyor
-from tests.integration.support import WorkerProcess
+from tests.integration.support import WorkerProcess, worker_processes
 
 from .apps import create_tables
 from .figures import Figures
@@ -38,24 +38,32 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 _OUTCOME = pytest.StashKey[str]()
 
 
-@pytest.fixture
-def pg_url(pg_schema_url: str) -> Iterator[str]:
-    """A migrated PostgreSQL schema with the execution log table."""
-    application = Conveyor(pg_schema_url)
+def _migrated_with_log(url: str) -> str:
+    application = Conveyor(url)
     application.migrate()
     application.close()
-    create_tables(pg_schema_url)
-    yield pg_schema_url
+    create_tables(url)
+    return url
+
+
+@pytest.fixture
+def pg_url(pg_schema_url: str) -> str:
+    """A migrated PostgreSQL schema with the execution log table."""
+    return _migrated_with_log(pg_schema_url)
 
 
 @pytest.fixture
 def sqlite_file_url(sqlite_url: str) -> str:
     """A migrated SQLite file with the execution log table."""
-    application = Conveyor(sqlite_url)
-    application.migrate()
-    application.close()
-    create_tables(sqlite_url)
-    return sqlite_url
+    return _migrated_with_log(sqlite_url)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def url(request: pytest.FixtureRequest) -> str:
+    """``sqlite_file_url`` and ``pg_url`` in turn: a scenario run on each backend."""
+    name = "sqlite_file_url" if request.param == "sqlite" else "pg_url"
+    found: str = request.getfixturevalue(name)
+    return found
 
 
 @pytest.fixture
@@ -64,22 +72,8 @@ def workers(tmp_path: Path) -> Iterator[StartWorker]:
     worker`` subprocess; every one is killed at teardown and its log printed (shown on failure).
 
     Request it *after* the database fixture so the workers die before the database is dropped."""
-    started: list[WorkerProcess] = []
-
-    def start(url: str, *args: str, app: str = FAULT_APP, **kwargs: Any) -> WorkerProcess:
-        log = tmp_path / f"worker-{len(started) + 1}.log"
-        worker = WorkerProcess(url, log, args, app=app, **kwargs)
-        started.append(worker)
-        return worker
-
-    try:
+    with worker_processes(tmp_path, app=FAULT_APP, show=12, tail=5_000) as start:
         yield start
-    finally:
-        for worker in started:
-            worker.stop_now()
-        for worker in started[-12:]:
-            print(f"---- worker pid {worker.pid} {worker.args} (exit {worker.proc.returncode})")
-            print(worker.log()[-5_000:])
 
 
 @pytest.fixture

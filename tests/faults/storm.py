@@ -132,9 +132,12 @@ class Fleet:
         self.started += 1
         return self.start_worker(self.url, *self.args, app=self.app)
 
-    def fill(self) -> None:
+    def fill(self, app: Conveyor, timeout: float = 60) -> dict[int, str]:
+        """Start workers up to ``size``; once each is registered in ``app``, returns every live
+        worker's pid -> worker id."""
         while len(self.live) < self.size:
             self.live.append(self.start())
+        return {p.pid: p.wait_registered(app, timeout).id for p in self.live}
 
     def kill(self, rng: random.Random, prefer: set[int] | None = None) -> Ended:
         """SIGKILL one live worker chosen by ``rng`` (among those whose pid is in ``prefer``, if

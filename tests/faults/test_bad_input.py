@@ -50,14 +50,6 @@ FAR_FUTURE = datetime(9998, 12, 31, tzinfo=UTC)
 WORKER_TROUBLE = ("claim failed", "writing outcomes failed", "internal error", "Traceback")
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def url(request: pytest.FixtureRequest) -> str:
-    """A migrated database with the execution log, on each backend in turn."""
-    name = "sqlite_file_url" if request.param == "sqlite" else "pg_url"
-    found: str = request.getfixturevalue(name)
-    return found
-
-
 @pytest.fixture
 def client(url: str) -> Iterator[Conveyor]:
     app = Conveyor(url, max_payload_bytes=LIMIT)

@@ -14,6 +14,7 @@ and to the first *outcome* written after it (the jobs' finished_at).
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections import Counter
@@ -146,9 +147,8 @@ def test_workers_ride_out_database_restarts(
             succeeded = "SELECT count(*) FROM conveyor_jobs WHERE state = 'succeeded'"
             return bool(_one(url, succeeded) == len(ids))
 
-        deadline = time.monotonic() + (180 if FULL else 90)
-        while time.monotonic() < deadline and not settled():
-            time.sleep(0.2)
+        with contextlib.suppress(AssertionError):  # counted below: lost and stuck must be 0
+            wait_until(settled, 180 if FULL else 90, "every job to succeed", interval=0.2)
 
         states = Counter(
             dict(rows(url, "SELECT state, count(*) FROM conveyor_jobs GROUP BY state"))

@@ -79,9 +79,7 @@ def test_kill_storm_loses_nothing_and_every_extra_run_is_a_killed_attempt(
         fleet = Fleet(
             workers, pg_url, worker_args(concurrency=CONCURRENCY, lease=LEASE, grace=1), WORKERS
         )
-        fleet.fill()
-        for proc in fleet.live:
-            proc.wait_registered(client, 60)
+        fleet.fill(client)
 
         # The storm: a batch of jobs every BATCH_EVERY s, a SIGKILL every KILL_EVERY s.
         began = time.monotonic()

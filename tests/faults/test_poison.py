@@ -65,9 +65,7 @@ def test_poison_job_ends_dead_naming_each_lost_worker_and_the_rest_succeed(
         fleet = Fleet(
             workers, pg_url, worker_args(concurrency=CONCURRENCY, lease=LEASE, grace=1), WORKERS
         )
-        fleet.fill()
-        for proc in fleet.live:
-            proc.wait_registered(client, 60)
+        fleet.fill(client)
         enqueued = client.enqueue_many(requests)
         poison_id = enqueued[position].id
         normal_ids = {j.id for j in enqueued} - {poison_id}

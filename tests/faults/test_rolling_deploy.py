@@ -108,8 +108,7 @@ def test_rolling_deploy_hands_back_unfinished_jobs_and_runs_finished_ones_once(
             worker_args(concurrency=CONCURRENCY, lease=LEASE, grace=GRACE),
             WORKERS,
         )
-        fleet.fill()
-        ids = {p.pid: p.wait_registered(client, 60).id for p in fleet.live}
+        ids = fleet.fill(client)
         producer.start()
 
         for step in range(STEPS):

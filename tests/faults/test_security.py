@@ -23,10 +23,9 @@ import json
 import os
 import pickle
 import signal
-import subprocess
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ import pytest
 
 import conveyor as conveyor_package
 from conveyor import Conveyor, JobState
-from tests.integration.support import CONVEYOR, ROOT, rows, subprocess_env, wait_until, worker_args
+from tests.integration.support import conveyor_many, rows, wait_until, worker_args
 
 from .conftest import StartWorker
 from .figures import Figures
@@ -127,47 +126,11 @@ def test_source_never_unpickles_or_evaluates_and_formats_no_data_into_sql(figure
 # -- with a worker, on each backend -----------------------------------------------------------
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def url(request: pytest.FixtureRequest) -> str:
-    name = "sqlite_file_url" if request.param == "sqlite" else "pg_url"
-    found: str = request.getfixturevalue(name)
-    return found
-
-
 @pytest.fixture
 def client(url: str) -> Iterator[Conveyor]:
     app = Conveyor(url)
     yield app
     app.close()
-
-
-def cli_many(
-    commands: Sequence[Sequence[str]], url: str, env: dict[str, str]
-) -> list[subprocess.CompletedProcess[str]]:
-    """Run ``conveyor`` commands side by side (with ``env`` added); results in order."""
-    full_env = {**subprocess_env(url), **env}
-    procs = [
-        subprocess.Popen(
-            [*CONVEYOR, *cmd],
-            env=full_env,
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for cmd in commands
-    ]
-    out = []
-    try:
-        for cmd, proc in zip(commands, procs, strict=True):
-            stdout, stderr = proc.communicate(timeout=60)
-            out.append(subprocess.CompletedProcess(list(cmd), proc.returncode, stdout, stderr))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return out
 
 
 class Evil:
@@ -222,7 +185,7 @@ def test_arguments_are_inert_data_and_identifiers_never_reach_sql(
         "conveyor jobs list --task '%(task)s'": ["jobs", "list", "--task", "%(task)s"],
     }  # fmt: skip
     enqueue = ["enqueue", "h4.echo", "--args", cli_args, "--app", APP]
-    enqueued, *results = cli_many([enqueue, *refused.values()], url, {})
+    enqueued, *results = conveyor_many([enqueue, *refused.values()], url=url)
     assert enqueued.returncode == 0, enqueued
     cli_job = int(enqueued.stdout.split()[1])
     for label, result in zip(refused, results, strict=True):
@@ -259,7 +222,7 @@ def test_arguments_are_inert_data_and_identifiers_never_reach_sql(
             "succeeded, verbatim")  # fmt: skip
     fig.row("commands run by any payload (marker file created)", int(marker.exists()), "0")
     assert client.get_job(rogue_job.id).error == f"RuntimeError: {rogue}"
-    shown = cli_many([["jobs", "show", str(rogue_job.id)], ["jobs", "list"]], url, {})
+    shown = conveyor_many([["jobs", "show", str(rogue_job.id)], ["jobs", "list"]], url=url)
     printed = "".join(r.stdout for r in shown)
     raw_controls = sum(printed.count(c) for c in ("\x1b", "\x07"))
     fig.row(
@@ -357,8 +320,10 @@ def test_redacted_secrets_never_show_in_logs_errors_or_cli(
         ["jobs", "list"],
         ["jobs", "list", "--json"],
     ]
-    with_app = cli_many([[*c, "--app", APP] for c in job_cmds], url, {"CONVEYOR_REDACT": "token"})
-    without = cli_many(job_cmds, url, {"CONVEYOR_REDACT": "password,token,api_key"})
+    with_app = conveyor_many(
+        [[*c, "--app", APP] for c in job_cmds], url=url, env={"CONVEYOR_REDACT": "token"}
+    )
+    without = conveyor_many(job_cmds, url=url, env={"CONVEYOR_REDACT": "password,token,api_key"})
     for label, results in (("with --app", with_app), ("without --app", without)):
         text = "".join(r.stdout + r.stderr for r in results)
         fig.row(

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 from conveyor import Conveyor
 
 from .apps import create_tables
-from .support import WorkerProcess
+from .support import WorkerProcess, worker_processes
 
 StartWorker = Callable[..., WorkerProcess]
 
@@ -28,19 +29,5 @@ def start_worker(db_url: str, tmp_path: Path) -> Iterator[StartWorker]:
     """``start_worker(*worker_args)`` starts a ``conveyor worker`` subprocess on ``db_url``.
 
     Depends on ``db_url`` so that the workers are killed before the database is dropped."""
-    started: list[WorkerProcess] = []
-
-    def start(*args: str) -> WorkerProcess:
-        log = tmp_path / f"worker-{len(started) + 1}.log"
-        worker = WorkerProcess(db_url, log, args)
-        started.append(worker)
-        return worker
-
-    try:
-        yield start
-    finally:
-        for worker in started:
-            worker.stop_now()
-        for worker in started:  # shown by pytest when the test failed
-            print(f"---- worker pid {worker.pid} {worker.args} (exit {worker.proc.returncode})")
-            print(worker.log()[-20_000:])
+    with worker_processes(tmp_path) as start:
+        yield functools.partial(start, db_url)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -63,13 +64,19 @@ def conveyor(
 
 
 def conveyor_many(
-    commands: Sequence[Sequence[str]], timeout: float = 60
+    commands: Sequence[Sequence[str]],
+    timeout: float = 60,
+    *,
+    url: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> list[subprocess.CompletedProcess[str]]:
-    """Run several ``conveyor`` commands at once (they are independent); results in order."""
+    """Run several ``conveyor`` commands at once (they are independent); results in order.
+    ``url`` goes in $CONVEYOR_DATABASE_URL; ``env`` is added to the environment."""
+    full_env = {**subprocess_env(url), **(env or {})}
     procs = [
         subprocess.Popen(
             [*CONVEYOR, *cmd],
-            env=subprocess_env(),
+            env=full_env,
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -153,6 +160,31 @@ class WorkerProcess:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(10)
+
+
+@contextlib.contextmanager
+def worker_processes(
+    tmp_path: Path, *, app: str = APP, show: int | None = None, tail: int = 20_000
+) -> Iterator[Callable[..., WorkerProcess]]:
+    """``start(url, *worker_args, **options)`` starts a ``WorkerProcess`` (of ``app`` unless
+    ``options`` name another) logging under ``tmp_path``. When the block ends every one is killed and the last ``tail`` characters of
+    the logs of the last ``show`` started (all: None) are printed (shown when a test failed)."""
+    started: list[WorkerProcess] = []
+
+    def start(url: str, *args: str, **options: Any) -> WorkerProcess:
+        log = tmp_path / f"worker-{len(started) + 1}.log"
+        worker = WorkerProcess(url, log, args, **{"app": app, **options})
+        started.append(worker)
+        return worker
+
+    try:
+        yield start
+    finally:
+        for worker in started:
+            worker.stop_now()
+        for worker in started[-show if show else 0 :]:
+            print(f"---- worker pid {worker.pid} {worker.args} (exit {worker.proc.returncode})")
+            print(worker.log()[-tail:])
 
 
 def worker_args(
