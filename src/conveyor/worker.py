@@ -287,12 +287,18 @@ class Worker:
             self._abandon(older, f"claimed again as attempt {job.attempt}; its lease was lost")
         attempt = _Attempt(job, JobContext(job, self.id), time.monotonic())
         self._attempts[job.id] = attempt
-        attempt.runner = asyncio.create_task(self._execute(attempt))
+        token = _current.set(attempt.ctx)  # the runner (and so the task) sees current_job()
+        try:
+            attempt.runner = asyncio.create_task(self._execute(attempt))
+        finally:
+            _current.reset(token)
 
     # -- running --------------------------------------------------------------------------------
     async def _execute(self, attempt: _Attempt) -> None:
         try:
             outcome = await self._outcome_of(attempt)
+        except asyncio.CancelledError:  # interrupted before the task's code even started
+            outcome = self._cancelled(attempt)
         except Exception as exc:  # a bug in Conveyor: still end the attempt, never lose the job
             logger.exception("worker %s: internal error running job %s", self.id, attempt.job.id)
             outcome = self._failure(attempt, "internal", f"internal error: {exc!r}")
@@ -316,16 +322,52 @@ class Worker:
                 f"JSON object, got {type(job.args).__name__} and {type(job.kwargs).__name__}",
             )
         attempt.is_async = task.is_async
-        inner = self._spawn(task, attempt)
-        attempt.inner = inner
-        if not await self._finished_in_time(inner, job.timeout):
-            self._interrupt(attempt)
-            return self._failure(
-                attempt, "timeout", f"job {job.id} exceeded its {job.timeout:g} s timeout", task
-            )
+        if task.is_async:
+            return await self._run_async(attempt, task)
+        return await self._run_sync(attempt, task)
+
+    async def _run_async(self, attempt: _Attempt, task: Task[Any, Any]) -> Outcome | None:
+        """Run an async task in this runner's own asyncio task (one task per job): cancelling
+        the runner (``_interrupt``) cancels the task's code."""
+        job = attempt.job
+        timer = None if job.timeout is None else asyncio.timeout(job.timeout)
+        try:
+            if timer is None:
+                value = await task.fn(*job.args, **job.kwargs)
+            else:
+                async with timer:
+                    value = await task.fn(*job.args, **job.kwargs)
+        except asyncio.CancelledError:
+            return self._cancelled(attempt)
+        except Exception as exc:
+            if timer is not None and timer.expired():
+                return self._timed_out(attempt, task)
+            return self._raised(attempt, task, exc)
+        if timer is not None and timer.expired():  # the task swallowed its cancellation
+            return self._timed_out(attempt, task)
         if attempt.abandoned:
             return None
-        return self._classify(attempt, inner, task)
+        return self._succeeded(attempt, task, value)
+
+    async def _run_sync(self, attempt: _Attempt, task: Task[Any, Any]) -> Outcome | None:
+        """Run a sync task in the thread pool; on timeout it is flagged (it cannot be stopped)
+        and the attempt fails at once."""
+        job = attempt.job
+        ctx = contextvars.copy_context()
+        inner = asyncio.wrap_future(
+            self._task_pool.submit(ctx.run, task.fn, *job.args, **job.kwargs)
+        )
+        attempt.inner = inner
+        if not await self._finished_in_time(inner, job.timeout):
+            return self._timed_out(attempt, task)
+        if attempt.abandoned:
+            return None
+        if inner.cancelled():
+            return self._cancelled(attempt)
+        exc = inner.exception()
+        if exc is not None:
+            return self._raised(attempt, task, exc)
+        return self._succeeded(attempt, task, inner.result())
 
     @staticmethod
     async def _finished_in_time(inner: asyncio.Future[Any], timeout: float | None) -> bool:
@@ -344,38 +386,31 @@ class Worker:
             pass
         return True
 
-    def _spawn(self, task: Task[Any, Any], attempt: _Attempt) -> asyncio.Future[Any]:
-        job = attempt.job
-        token = _current.set(attempt.ctx)
+    def _succeeded(self, attempt: _Attempt, task: Task[Any, Any], value: Any) -> Outcome:
+        if value is None:  # the common case, without the encoder
+            return states.succeed(attempt.job, "null")
         try:
-            if task.is_async:
+            text = serialization.dumps(value, "result", self.app.max_payload_bytes)
+        except InvalidArgumentsError as bad:
+            return self._failure(attempt, "bad_result", f"result cannot be stored: {bad}", task)
+        return states.succeed(attempt.job, text)
 
-                async def run_async() -> Any:
-                    return await task.fn(*job.args, **job.kwargs)
+    def _cancelled(self, attempt: _Attempt) -> Outcome | None:
+        """The task's code was cancelled: a cancellation request ends the job cancelled; an
+        abandoned attempt (lease lost, shutdown) writes nothing."""
+        if attempt.ctx.cancel_requested and not attempt.abandoned:
+            return states.cancel(attempt.job, "cancelled by request", attempt.db_now())
+        return None
 
-                return asyncio.ensure_future(run_async())
-            ctx = contextvars.copy_context()
-            return asyncio.wrap_future(
-                self._task_pool.submit(ctx.run, task.fn, *job.args, **job.kwargs)
-            )
-        finally:
-            _current.reset(token)
-
-    def _classify(
-        self, attempt: _Attempt, inner: asyncio.Future[Any], task: Task[Any, Any]
-    ) -> Outcome | None:
+    def _timed_out(self, attempt: _Attempt, task: Task[Any, Any]) -> Outcome:
+        attempt.ctx.request_cancel()  # async code was cancelled by its timer; sync code sees this
         job = attempt.job
-        if inner.cancelled():
-            if attempt.ctx.cancel_requested:
-                return states.cancel(job, "cancelled by request", attempt.db_now())
-            return None
-        exc = inner.exception()
-        if exc is None:
-            try:
-                text = serialization.dumps(inner.result(), "result", self.app.max_payload_bytes)
-            except InvalidArgumentsError as bad:
-                return self._failure(attempt, "bad_result", f"result cannot be stored: {bad}", task)
-            return states.succeed(job, text)
+        return self._failure(
+            attempt, "timeout", f"job {job.id} exceeded its {job.timeout:g} s timeout", task
+        )
+
+    def _raised(self, attempt: _Attempt, task: Task[Any, Any], exc: BaseException) -> Outcome:
+        job = attempt.job
         if isinstance(exc, Snooze):
             return states.snooze(job, exc.seconds, attempt.db_now())
         if isinstance(exc, Cancel):
@@ -409,8 +444,8 @@ class Worker:
     def _interrupt(self, attempt: _Attempt) -> None:
         """Tell the task to stop: async tasks are cancelled, sync tasks see the flag."""
         attempt.ctx.request_cancel()
-        if attempt.is_async and attempt.inner is not None:
-            attempt.inner.cancel()
+        if attempt.is_async and attempt.runner is not None and not attempt.runner.done():
+            attempt.runner.cancel()
 
     def _abandon(self, attempt: _Attempt, why: str) -> None:
         logger.warning("worker %s: abandoning job %s: %s", self.id, attempt.job.id, why)

@@ -73,33 +73,53 @@ class QueueStats:
         return self.counts.get(JobState.RUNNING, 0)
 
 
-#: Columns copied as they are; the other Job fields are converted below.
-_COPIED_FIELDS = tuple(
-    f.name
-    for f in dataclasses.fields(Job)
-    if f.name not in ("state", "return_value", "cancel_requested", "deduplicated")
-)
 #: Most stuck jobs one rescue statement handles (the Rescuer repeats until a short batch).
 RESCUE_BATCH = 1000
+#: Job fields in order, but ``deduplicated`` (not a column).
+_JOB_FIELDS = tuple(f.name for f in dataclasses.fields(Job) if f.name != "deduplicated")
+#: The columns of a job row in Job field order (the ``result`` column is Job.return_value). Every
+#: job query of both backends returns exactly these, in this order (``{job_columns}`` in their
+#: queries.sql), so a row becomes a Job by position, without a dict per row.
+JOB_COLUMNS = tuple("result" if name == "return_value" else name for name in _JOB_FIELDS)
+_STATE_AT = JOB_COLUMNS.index("state")
+_CANCEL_AT = JOB_COLUMNS.index("cancel_requested")
+_STATES = {str(s): s for s in JobState}
 
 
-def job_from_row(row: dict[str, Any], **extra: Any) -> Job:
-    """Build a :class:`Job` from a row already converted to Python types.
+def job_columns(query: str) -> str:
+    """``query`` with ``{job_columns}`` (or ``{j.job_columns}``: each column prefixed by ``j.``)
+    replaced by :data:`JOB_COLUMNS`."""
+    return re.sub(
+        r"\{(\w+\.)?job_columns\}",
+        lambda m: ", ".join(f"{m.group(1) or ''}{c}" for c in JOB_COLUMNS),
+        query,
+    )
+
+
+def job_from_values(values: list[Any], **extra: Any) -> Job:
+    """Build a :class:`Job` from the values of a row in :data:`JOB_COLUMNS` order, already
+    converted to Python types (the list is changed in place).
 
     On the hot path (every claimed and enqueued job), so it fills the frozen dataclass's
     ``__dict__`` directly instead of calling its ``__init__`` (one ``object.__setattr__`` per
     field, about five times slower); tests/unit/test_job_rows.py checks the two agree.
     """
-    values = {name: row[name] for name in _COPIED_FIELDS}  # KeyError names a missing column
-    values["state"] = JobState(row["state"])
-    values["return_value"] = row["result"]
-    values["cancel_requested"] = bool(row["cancel_requested"])
-    values["deduplicated"] = False
+    values[_STATE_AT] = _STATES[values[_STATE_AT]]
+    values[_CANCEL_AT] = bool(values[_CANCEL_AT])
+    fields = dict(zip(_JOB_FIELDS, values, strict=True))
+    fields["deduplicated"] = False
     if extra:
-        values.update(extra)
+        fields.update(extra)
     job = object.__new__(Job)
-    job.__dict__.update(values)
+    job.__dict__.update(fields)
     return job
+
+
+def job_from_row(row: dict[str, Any], **extra: Any) -> Job:
+    """Build a :class:`Job` from a row (by column name) already converted to Python types."""
+    return job_from_values(
+        [row[name] for name in JOB_COLUMNS], **extra
+    )  # KeyError: a missing column
 
 
 def event_from_row(row: dict[str, Any]) -> JobEvent:

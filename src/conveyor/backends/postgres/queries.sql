@@ -29,7 +29,7 @@ SELECT t.task, t.queue, t.args::jsonb, t.kwargs::jsonb, t.priority,
                                            'message', t.reason) END AS error) e
  ORDER BY t.ord
 ON CONFLICT DO NOTHING
-RETURNING *
+RETURNING {job_columns}
 
 -- name: lock_dependencies
 -- Share locks: a dependency cannot finish (its trigger missing our new dependent) until we commit.
@@ -53,18 +53,18 @@ SELECT p.id, p.task, p.state, p.last_error
 SELECT depends_on FROM conveyor_job_deps WHERE job_id = %(id)s ORDER BY depends_on
 
 -- name: find_duplicates
-SELECT * FROM conveyor_jobs
+SELECT {job_columns} FROM conveyor_jobs
  WHERE idempotency_key = ANY(%(idempotency_keys)s::text[])
     OR (unique_key = ANY(%(unique_keys)s::text[])
         AND state IN ('waiting', 'queued', 'running', 'retrying'))
 
 -- name: claim
-SELECT * FROM conveyor_claim(%(worker)s, %(queues)s::text[], %(limit)s, %(lease)s)
+SELECT {job_columns} FROM conveyor_claim(%(worker)s, %(queues)s::text[], %(limit)s, %(lease)s)
 
 -- name: claimed_unanswered
 -- The jobs a claim of this worker took although its answer never arrived (the connection died
 -- after the commit): running under it, claimed after every job it was handed (%(since)s).
-SELECT * FROM conveyor_jobs
+SELECT {job_columns} FROM conveyor_jobs
  WHERE state = 'running' AND lease_owner = %(worker)s
    AND (%(since)s::timestamptz IS NULL OR attempted_at > %(since)s::timestamptz)
 
@@ -85,6 +85,16 @@ UPDATE conveyor_jobs j
   FROM unnest(%(id)s::bigint[], %(attempt)s::int[], %(state)s::text[], %(delay)s::float8[],
               %(result)s::text[], %(error)s::text[], %(refund)s::int[], %(snoozed)s::int[])
        AS o(id, attempt, state, delay, result, error, refund, snoozed)
+ WHERE j.id = o.id AND j.state = 'running' AND j.attempt = o.attempt
+   AND j.lease_owner = %(worker)s
+RETURNING j.id
+
+-- name: finish_succeeded
+-- The common case of finish, cheaper: every outcome a success.
+UPDATE conveyor_jobs j
+   SET state = 'succeeded', finished_at = greatest(now(), j.attempted_at), result = o.result::jsonb,
+       lease_owner = NULL, lease_expires_at = NULL, cancel_requested = false
+  FROM unnest(%(id)s::bigint[], %(attempt)s::int[], %(result)s::text[]) AS o(id, attempt, result)
  WHERE j.id = o.id AND j.state = 'running' AND j.attempt = o.attempt
    AND j.lease_owner = %(worker)s
 RETURNING j.id
@@ -117,7 +127,7 @@ UPDATE conveyor_jobs j
        lease_owner = NULL, lease_expires_at = NULL, cancel_requested = false
   FROM rescued r
  WHERE j.id = r.id
-RETURNING j.*
+RETURNING {j.job_columns}
 
 -- name: hand_back
 UPDATE conveyor_jobs
@@ -126,10 +136,10 @@ UPDATE conveyor_jobs
  WHERE id = ANY(%(ids)s::bigint[]) AND state = 'running' AND lease_owner = %(worker)s
 
 -- name: get_job
-SELECT * FROM conveyor_jobs WHERE id = %(id)s
+SELECT {job_columns} FROM conveyor_jobs WHERE id = %(id)s
 
 -- name: list_jobs
-SELECT * FROM conveyor_jobs
+SELECT {job_columns} FROM conveyor_jobs
  WHERE (%(state)s::text IS NULL OR state = %(state)s)
    AND (%(queue)s::text IS NULL OR queue = %(queue)s)
    AND (%(task)s::text IS NULL OR task = %(task)s)
@@ -144,12 +154,12 @@ UPDATE conveyor_jobs
        errors = errors || jsonb_build_array(jsonb_build_object(
                     'attempt', attempt, 'at', now(), 'kind', 'cancelled', 'message', %(reason)s::text))
  WHERE id = %(id)s AND state IN ('waiting', 'queued', 'retrying')
-RETURNING *
+RETURNING {job_columns}
 
 -- name: cancel_running
 UPDATE conveyor_jobs SET cancel_requested = true
  WHERE id = %(id)s AND state = 'running'
-RETURNING *
+RETURNING {job_columns}
 
 -- name: retry_job
 -- %(state)s is queued, or waiting while one of the job's dependencies is unfinished.
@@ -158,7 +168,7 @@ UPDATE conveyor_jobs
        attempted_at = NULL, finished_at = NULL, heartbeat_at = NULL, result = NULL,
        cancel_requested = false
  WHERE id = %(id)s AND state IN ('dead', 'cancelled')
-RETURNING *
+RETURNING {job_columns}
 
 -- name: delete_job
 DELETE FROM conveyor_jobs WHERE id = %(id)s AND state <> 'running' RETURNING id
@@ -257,7 +267,7 @@ SELECT p.*, CASE WHEN p.state = 'running' THEN j.started_at ELSE p.step_started_
  LIMIT %(limit)s
 
 -- name: pipeline_jobs
-SELECT * FROM conveyor_jobs WHERE pipeline_id = %(id)s ORDER BY id
+SELECT {job_columns} FROM conveyor_jobs WHERE pipeline_id = %(id)s ORDER BY id
 
 -- name: pipeline_current_job
 SELECT current_job_id FROM conveyor_pipelines WHERE id = %(id)s
@@ -334,4 +344,4 @@ UPDATE conveyor_batches SET failed = %(failed)s WHERE id = %(id)s
 SELECT * FROM conveyor_batches WHERE id = %(id)s
 
 -- name: batch_jobs
-SELECT * FROM conveyor_jobs WHERE batch_id = %(id)s ORDER BY id
+SELECT {job_columns} FROM conveyor_jobs WHERE batch_id = %(id)s ORDER BY id

@@ -1,5 +1,5 @@
 -- The current Conveyor schema for PostgreSQL, as the migrations leave it (today: the
--- conveyor_migrations table that the migrator creates, plus migrations/0001_initial.sql). This file
+-- conveyor_migrations table that the migrator creates, plus migrations 0001 to 0003). This file
 -- documents the schema: Conveyor never runs it, the migrations build every database. Change the
 -- schema with a new migration and update this file to match (tests/contract/test_schema.py builds a
 -- database from each and compares their catalogs). docs/state-machine.md documents
@@ -112,6 +112,7 @@ CREATE TABLE conveyor_workers (
 -- fleet-wide. Unlimited jobs are chosen on the lock-free SKIP LOCKED path. The best of both (by
 -- priority, run_at, id) are claimed, so priority order holds across the two; claiming fewer limited
 -- jobs than were chosen keeps the limits.
+-- The claimed jobs are re-read in claim order only when both paths chose more than _limit.
 CREATE FUNCTION conveyor_claim(_worker text, _queues text[], _limit integer, _lease double precision)
 RETURNS SETOF conveyor_jobs
 LANGUAGE plpgsql VOLATILE AS $fn$
@@ -191,6 +192,12 @@ BEGIN
              LIMIT _limit);
     END IF;
 
+    IF cardinality(_ids) > _limit THEN  -- both paths chose: the best _limit of them
+        _ids := ARRAY(SELECT c.id FROM conveyor_jobs c WHERE c.id = ANY(_ids)
+                       ORDER BY c.priority DESC, c.run_at, c.id
+                       LIMIT _limit);
+    END IF;
+
     IF cardinality(_ids) > 0 THEN
         RETURN QUERY
         UPDATE conveyor_jobs j
@@ -198,9 +205,7 @@ BEGIN
                started_at = coalesce(j.started_at, now()), heartbeat_at = now(),
                lease_owner = _worker, lease_expires_at = now() + _lease * interval '1 second',
                finished_at = NULL, cancel_requested = false
-         WHERE j.id = ANY(ARRAY(SELECT c.id FROM conveyor_jobs c WHERE c.id = ANY(_ids)
-                                 ORDER BY c.priority DESC, c.run_at, c.id
-                                 LIMIT _limit))
+         WHERE j.id = ANY(_ids)
         RETURNING j.*;
     END IF;
 END
