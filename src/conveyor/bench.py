@@ -106,8 +106,15 @@ def fresh_database(url: str) -> Iterator[str]:
 class _Probe:
     """A raw connection for the 10 ms "anything unfinished?" poll and table upkeep."""
 
+    #: Is any job left unfinished? Three probes, each matching one partial index's predicate (the
+    #: claim indexes and the running one), so the 10 ms poll never scans the table: a count over
+    #: the whole table, as before, cost the server as much as a third of the drain itself.
     UNFINISHED = (
-        "SELECT count(*) FROM conveyor_jobs WHERE state IN ('queued', 'running', 'retrying')"
+        "SELECT CAST(EXISTS (SELECT 1 FROM conveyor_jobs"
+        "                 WHERE state IN ('queued', 'retrying') AND concurrency_key IS NULL)"
+        "     OR EXISTS (SELECT 1 FROM conveyor_jobs"
+        "                 WHERE state IN ('queued', 'retrying') AND concurrency_key IS NOT NULL)"
+        "     OR EXISTS (SELECT 1 FROM conveyor_jobs WHERE state = 'running') AS INTEGER)"
     )
 
     def __init__(self, url: str) -> None:
@@ -120,6 +127,7 @@ class _Probe:
             self.conn = sqlite3.connect(path_from_url(url), isolation_level=None)
 
     def unfinished(self) -> int:
+        """1 while any job is queued, retrying or running, else 0."""
         return int(self.conn.execute(self.UNFINISHED).fetchone()[0])
 
     def settle(self) -> None:

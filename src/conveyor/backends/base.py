@@ -331,8 +331,10 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def event_prune(self, older_than: float, limit: int, now: datetime | None = None) -> int:
-        """Delete up to ``limit`` events recorded more than ``older_than`` seconds before ``now``
-        (default: the database clock), oldest first, in one statement. Returns how many."""
+        """Delete up to ``limit`` history records older than ``older_than`` seconds before ``now``
+        (default: the database clock), oldest first, in one statement. Returns how many events
+        they held. A record is one event on SQLite; on PostgreSQL, the events of one statement
+        (up to 1000 jobs), all recorded at the same time."""
 
     @abc.abstractmethod
     def leader_claim(

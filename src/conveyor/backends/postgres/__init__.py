@@ -458,7 +458,8 @@ class PostgresBackend(Backend):
         return self._execute("prune_jobs", params)
 
     def event_prune(self, older_than: float, limit: int, now: datetime | None = None) -> int:
-        return self._execute("prune_events", {"age": float(older_than), "limit": limit, "now": now})
+        params = {"age": float(older_than), "limit": limit, "now": now}
+        return int(self._all("prune_events", params)[0]["events"])
 
     def leader_claim(
         self, name: str, holder: str, interval: float, now: datetime | None = None

@@ -204,7 +204,16 @@ SELECT queue, extract(epoch FROM now() - min(run_at)) AS age
 SELECT name, concurrency_limit FROM conveyor_queues
 
 -- name: job_events
-SELECT * FROM conveyor_job_events WHERE job_id = %(id)s ORDER BY id
+-- The view conveyor_job_events, for one job: its history records found through the GIN index.
+SELECT h.id * 1024 + e.n - 1 AS id, e.job_id, h.at,
+       conveyor_history_entry(h.from_states, e.n) AS from_state,
+       conveyor_history_entry(h.to_states, e.n) AS to_state,
+       conveyor_history_entry(h.workers, e.n) AS worker,
+       e.attempt, h.errors -> (e.n::integer - 1) AS error
+  FROM conveyor_history h
+ CROSS JOIN LATERAL unnest(h.job_ids, h.attempts) WITH ORDINALITY AS e(job_id, attempt, n)
+ WHERE h.job_ids @> ARRAY[%(id)s::bigint] AND e.job_id = %(id)s
+ ORDER BY 1
 
 -- name: prune_jobs
 WITH doomed AS (
@@ -218,14 +227,19 @@ WITH doomed AS (
 DELETE FROM conveyor_jobs j USING doomed d WHERE j.id = d.id
 
 -- name: prune_events
+-- Whole history records (one statement's transitions of up to 1000 jobs), oldest first; the
+-- number of events they held.
 WITH doomed AS (
-    SELECT id FROM conveyor_job_events
+    SELECT id FROM conveyor_history
      WHERE at < coalesce(%(now)s::timestamptz, now()) - %(age)s * interval '1 second'
      ORDER BY at
      LIMIT %(limit)s
        FOR UPDATE SKIP LOCKED
+), deleted AS (
+    DELETE FROM conveyor_history h USING doomed d WHERE h.id = d.id
+    RETURNING cardinality(array_remove(h.job_ids, NULL)) AS events
 )
-DELETE FROM conveyor_job_events e USING doomed d WHERE e.id = d.id
+SELECT coalesce(sum(events), 0)::bigint AS events FROM deleted
 
 -- name: leader_claim
 INSERT INTO conveyor_leader (name, holder, started_at)

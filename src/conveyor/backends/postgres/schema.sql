@@ -78,7 +78,6 @@ CREATE INDEX conveyor_jobs_fetch ON conveyor_jobs (queue, priority DESC, run_at,
     WHERE state IN ('queued', 'retrying') AND concurrency_key IS NULL;
 CREATE INDEX conveyor_jobs_fetch_keyed ON conveyor_jobs (queue, priority DESC, run_at, id)
     WHERE state IN ('queued', 'retrying') AND concurrency_key IS NOT NULL;
-CREATE INDEX conveyor_jobs_running ON conveyor_jobs (lease_expires_at) WHERE state = 'running';
 CREATE INDEX conveyor_jobs_running_key ON conveyor_jobs (concurrency_key)
     WHERE state = 'running' AND concurrency_key IS NOT NULL;
 CREATE INDEX conveyor_jobs_running_queue ON conveyor_jobs (queue) WHERE state = 'running';
@@ -211,22 +210,117 @@ BEGIN
 END
 $fn$;
 
--- Job history: one row per insert and per state transition of a job, written by the triggers
--- below so that no code path can forget it. Ordered by id; the error is the last_error the
--- transition recorded (without its traceback, which stays in the job's errors).
-CREATE TABLE conveyor_job_events (
+-- History, one row per statement: every statement that inserts jobs or moves them (state or
+-- attempt) records its transitions in one conveyor_history row per 1000 jobs, the jobs' entries
+-- in parallel arrays, found by job id through a GIN index. Version 1 wrote one row per job and
+-- transition (the largest single cost of a claim and of a finish). An array whose entries are all
+-- the same (the worker and the new state of a claim, say) is stored as that one entry.
+-- conveyor_job_events is a view with the version 1 columns: one row per job and transition,
+-- its id the record's id * 1024 plus the job's position in it (ids keep their order, and never
+-- change). A deleted job's entries are blanked (NULL in every array); a record left without a
+-- job is deleted.
+CREATE TABLE conveyor_history (
     id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    job_id      bigint NOT NULL,
     at          timestamptz NOT NULL DEFAULT now(),
-    from_state  text,
-    to_state    text NOT NULL,
-    worker      text,
-    attempt     integer NOT NULL,
-    error       jsonb
+    job_ids     bigint[] NOT NULL,
+    from_states text[] NOT NULL,
+    to_states   text[] NOT NULL,
+    workers     text[] NOT NULL,
+    attempts    integer[] NOT NULL,
+    errors      jsonb,  -- a JSON array of the entries' errors (without traceback); NULL: none
+    CONSTRAINT conveyor_history_entries CHECK (
+        cardinality(job_ids) BETWEEN 1 AND 1000
+        AND cardinality(from_states) IN (1, cardinality(job_ids))
+        AND cardinality(to_states) IN (1, cardinality(job_ids))
+        AND cardinality(workers) IN (1, cardinality(job_ids))
+        AND cardinality(attempts) = cardinality(job_ids)
+        AND (errors IS NULL OR jsonb_array_length(errors) = cardinality(job_ids)))
 );
+CREATE INDEX conveyor_history_jobs ON conveyor_history USING gin (job_ids);
+CREATE INDEX conveyor_history_at ON conveyor_history (at);
 
-CREATE INDEX conveyor_job_events_job ON conveyor_job_events (job_id, id);
-CREATE INDEX conveyor_job_events_at ON conveyor_job_events (at);
+-- The n-th entry of a history array stored whole or as its one repeated entry.
+CREATE FUNCTION conveyor_history_entry(_values text[], _n bigint) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
+    SELECT CASE WHEN cardinality(_values) = 1 THEN _values[1] ELSE _values[_n] END
+$fn$;
+
+CREATE VIEW conveyor_job_events AS
+SELECT h.id * 1024 + e.n - 1 AS id, e.job_id, h.at,
+       conveyor_history_entry(h.from_states, e.n) AS from_state,
+       conveyor_history_entry(h.to_states, e.n) AS to_state,
+       conveyor_history_entry(h.workers, e.n) AS worker,
+       e.attempt, h.errors -> (e.n::integer - 1) AS error
+  FROM conveyor_history h
+ CROSS JOIN LATERAL unnest(h.job_ids, h.attempts) WITH ORDINALITY AS e(job_id, attempt, n)
+ WHERE e.job_id IS NOT NULL;
+
+-- An array as history stores it: its one entry when all are the same. (No sub-select, so the
+-- function is inlined into its callers' cached plans; array equality counts NULLs as equal.)
+CREATE FUNCTION conveyor_history_array(_values text[]) RETURNS text[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
+    SELECT CASE WHEN _values = array_fill(_values[1], ARRAY[cardinality(_values)])
+                THEN ARRAY[_values[1]] ELSE _values END
+$fn$;
+
+-- Record transitions (job, from, to, worker, attempt, error), 1000 per row. (PL/pgSQL, not SQL:
+-- its plans are cached for the session, where an SQL function's are made again at every call.)
+CREATE FUNCTION conveyor_history_record(_ids bigint[], _from text[], _to text[], _workers text[],
+                                        _attempts integer[], _errors jsonb[]) RETURNS void
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    IF cardinality(_ids) <= 1000 THEN
+        INSERT INTO conveyor_history (job_ids, from_states, to_states, workers, attempts, errors)
+        VALUES (_ids, conveyor_history_array(_from), conveyor_history_array(_to),
+                conveyor_history_array(_workers), _attempts,
+                CASE WHEN _errors <> array_fill(NULL::jsonb, ARRAY[cardinality(_errors)])
+                     THEN to_jsonb(_errors) END);
+        RETURN;
+    END IF;
+    FOR _start IN 1 .. cardinality(_ids) BY 1000 LOOP
+        PERFORM conveyor_history_record(_ids[_start:_start + 999], _from[_start:_start + 999],
+                                        _to[_start:_start + 999], _workers[_start:_start + 999],
+                                        _attempts[_start:_start + 999],
+                                        _errors[_start:_start + 999]);
+    END LOOP;
+END
+$fn$;
+
+-- Blank the history entries of deleted jobs; delete the records left without a job.
+CREATE FUNCTION conveyor_history_forget(_ids bigint[]) RETURNS void
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    DELETE FROM conveyor_history h
+     WHERE h.job_ids && _ids
+       AND NOT EXISTS (SELECT 1 FROM unnest(h.job_ids) AS j WHERE j <> ALL(_ids));
+    UPDATE conveyor_history h
+       SET job_ids = k.job_ids, from_states = k.from_states, to_states = k.to_states,
+           workers = k.workers, attempts = k.attempts, errors = k.errors
+      FROM (SELECT x.id,
+                   array_agg(CASE WHEN e.gone THEN NULL ELSE e.job_id END ORDER BY e.n) AS job_ids,
+                   array_agg(CASE WHEN e.gone THEN NULL
+                                  ELSE conveyor_history_entry(x.from_states, e.n) END
+                             ORDER BY e.n) AS from_states,
+                   array_agg(CASE WHEN e.gone THEN NULL
+                                  ELSE conveyor_history_entry(x.to_states, e.n) END
+                             ORDER BY e.n) AS to_states,
+                   array_agg(CASE WHEN e.gone THEN NULL
+                                  ELSE conveyor_history_entry(x.workers, e.n) END
+                             ORDER BY e.n) AS workers,
+                   array_agg(CASE WHEN e.gone THEN NULL ELSE e.attempt END ORDER BY e.n) AS attempts,
+                   CASE WHEN x.errors IS NOT NULL THEN
+                       jsonb_agg(CASE WHEN e.gone THEN 'null'::jsonb
+                                      ELSE x.errors -> (e.n::integer - 1) END ORDER BY e.n)
+                   END AS errors
+              FROM conveyor_history x
+             CROSS JOIN LATERAL (
+                   SELECT u.*, u.job_id IS NULL OR u.job_id = ANY(_ids) AS gone
+                     FROM unnest(x.job_ids, x.attempts) WITH ORDINALITY AS u(job_id, attempt, n)) e
+             WHERE x.job_ids && _ids
+             GROUP BY x.id) k
+     WHERE h.id = k.id;
+END
+$fn$;
 
 -- Dependencies: a job enqueued with depends_on waits (state 'waiting', never claimed) until every
 -- job it depends on succeeded. Dependencies always existed before their dependents, so
@@ -323,63 +417,87 @@ END
 $fn$;
 
 -- Statement-level triggers over transition tables: a bulk insert or a batched finish writes its
--- history in one INSERT ... SELECT.
+-- history in one row (per 1000 jobs).
+-- Inserted jobs: their history, and notifications (jobs due now; jobs inserted cancelled).
 CREATE FUNCTION conveyor_jobs_after_insert() RETURNS trigger
 LANGUAGE plpgsql AS $fn$
+DECLARE
+    _r record;
 BEGIN
-    INSERT INTO conveyor_job_events (job_id, from_state, to_state, worker, attempt, error)
-    SELECT n.id, NULL, n.state, n.lease_owner, n.attempt, n.last_error - 'traceback'
-      FROM new_rows n
-     ORDER BY n.id;
-    PERFORM conveyor_notify_finished(ARRAY(
-        SELECT n.id FROM new_rows n WHERE n.state IN ('succeeded', 'dead', 'cancelled')));
-    PERFORM conveyor_notify_due(ARRAY(
-        SELECT n.queue FROM new_rows n WHERE n.state = 'queued' AND n.run_at <= now()));
+    SELECT array_agg(n.id ORDER BY n.id) AS ids,
+           array_agg(NULL::text ORDER BY n.id) AS from_states,
+           array_agg(n.state ORDER BY n.id) AS to_states,
+           array_agg(n.lease_owner ORDER BY n.id) AS workers,
+           array_agg(n.attempt ORDER BY n.id) AS attempts,
+           array_agg(n.last_error - 'traceback' ORDER BY n.id) AS errors,
+           array_agg(DISTINCT n.queue) FILTER (WHERE n.state = 'queued' AND n.run_at <= now()) AS due,
+           array_agg(n.id ORDER BY n.id) FILTER (WHERE n.state IN ('succeeded', 'dead', 'cancelled'))
+               AS finished
+      INTO _r
+      FROM new_rows n;
+    IF _r.ids IS NULL THEN
+        RETURN NULL;
+    END IF;
+    PERFORM conveyor_history_record(_r.ids, _r.from_states, _r.to_states, _r.workers,
+                                    _r.attempts, _r.errors);
+    IF _r.due IS NOT NULL THEN
+        PERFORM conveyor_notify_due(_r.due);
+    END IF;
+    IF _r.finished IS NOT NULL THEN
+        PERFORM conveyor_notify_finished(_r.finished);
+    END IF;
     RETURN NULL;
 END
 $fn$;
 
--- The worker is the lease owner involved: the new one on a claim, the old one when a running job
--- leaves running. The attempt is the one that ended when leaving running, else the new one.
+-- Moved jobs (state or attempt changed), in one pass over the statement's transitions: their
+-- history; idle workers woken for jobs due now; result waiters told which jobs finished; the
+-- dependents of finished jobs released or cancelled. The worker is the lease owner involved: the
+-- new one on a claim, the old one when a running job leaves running. The attempt is the one that
+-- ended when leaving running, else the new one.
 CREATE FUNCTION conveyor_jobs_after_update() RETURNS trigger
 LANGUAGE plpgsql AS $fn$
 DECLARE
-    _succeeded bigint[];
-    _failed bigint[];
-    _reasons text[];
+    _r record;
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM new_rows n JOIN old_rows o ON o.id = n.id
-                    WHERE n.state <> o.state OR n.attempt <> o.attempt) THEN
-        RETURN NULL;  -- no transition (a heartbeat, a cancel request)
-    END IF;
-    INSERT INTO conveyor_job_events (job_id, from_state, to_state, worker, attempt, error)
-    SELECT n.id, o.state, n.state, coalesce(n.lease_owner, o.lease_owner),
-           CASE WHEN o.state = 'running' THEN o.attempt ELSE n.attempt END,
-           CASE WHEN n.last_error IS DISTINCT FROM o.last_error
-                THEN n.last_error - 'traceback' END
-      FROM new_rows n JOIN old_rows o ON o.id = n.id
-     WHERE n.state <> o.state OR n.attempt <> o.attempt
-     ORDER BY n.id;
-    PERFORM conveyor_notify_due(ARRAY(
-        SELECT n.queue FROM new_rows n JOIN old_rows o ON o.id = n.id
-         WHERE n.state IN ('queued', 'retrying') AND n.state <> o.state AND n.run_at <= now()));
-    SELECT array_agg(n.id ORDER BY n.id) FILTER (WHERE n.state = 'succeeded'),
-           array_agg(n.id ORDER BY n.id) FILTER (WHERE n.state <> 'succeeded'),
+    SELECT array_agg(n.id ORDER BY n.id) AS ids,
+           array_agg(o.state ORDER BY n.id) AS from_states,
+           array_agg(n.state ORDER BY n.id) AS to_states,
+           array_agg(coalesce(n.lease_owner, o.lease_owner) ORDER BY n.id) AS workers,
+           array_agg(CASE WHEN o.state = 'running' THEN o.attempt ELSE n.attempt END ORDER BY n.id)
+               AS attempts,
+           array_agg(CASE WHEN n.last_error IS DISTINCT FROM o.last_error
+                          THEN n.last_error - 'traceback' END ORDER BY n.id) AS errors,
+           array_agg(DISTINCT n.queue) FILTER (WHERE n.state IN ('queued', 'retrying')
+                                                 AND n.state <> o.state AND n.run_at <= now()) AS due,
+           array_agg(n.id ORDER BY n.id) FILTER (WHERE n.state = 'succeeded' AND o.state <> 'succeeded')
+               AS succeeded,
+           array_agg(n.id ORDER BY n.id) FILTER (WHERE n.state IN ('dead', 'cancelled')
+                                                   AND n.state <> o.state) AS failed,
            array_agg(CASE WHEN n.last_error->>'kind' = 'dependency' THEN n.last_error->>'message'
                           ELSE format('dependency job %s (%s) ended %s', n.id, n.task, n.state)
-                     END ORDER BY n.id) FILTER (WHERE n.state <> 'succeeded')
-      INTO _succeeded, _failed, _reasons
+                     END ORDER BY n.id) FILTER (WHERE n.state IN ('dead', 'cancelled')
+                                                  AND n.state <> o.state) AS reasons
+      INTO _r
       FROM new_rows n JOIN old_rows o ON o.id = n.id
-     WHERE n.state IN ('succeeded', 'dead', 'cancelled') AND n.state <> o.state;
-    IF _succeeded IS NULL AND _failed IS NULL THEN
+     WHERE n.state <> o.state OR n.attempt <> o.attempt;
+    IF _r.ids IS NULL THEN
+        RETURN NULL;  -- no transition (a heartbeat, a cancel request)
+    END IF;
+    PERFORM conveyor_history_record(_r.ids, _r.from_states, _r.to_states, _r.workers,
+                                    _r.attempts, _r.errors);
+    IF _r.due IS NOT NULL THEN
+        PERFORM conveyor_notify_due(_r.due);
+    END IF;
+    IF _r.succeeded IS NULL AND _r.failed IS NULL THEN
         RETURN NULL;
     END IF;
-    PERFORM conveyor_notify_finished(coalesce(_succeeded, '{}') || coalesce(_failed, '{}'));
-    IF EXISTS (SELECT 1 FROM conveyor_job_deps WHERE depends_on = ANY(_failed)) THEN
-        PERFORM conveyor_cancel_dependents(_failed, _reasons);
+    PERFORM conveyor_notify_finished(coalesce(_r.succeeded, '{}') || coalesce(_r.failed, '{}'));
+    IF EXISTS (SELECT 1 FROM conveyor_job_deps WHERE depends_on = ANY(_r.failed)) THEN
+        PERFORM conveyor_cancel_dependents(_r.failed, _r.reasons);
     END IF;
-    IF EXISTS (SELECT 1 FROM conveyor_job_deps WHERE depends_on = ANY(_succeeded)) THEN
-        PERFORM conveyor_release_dependents(_succeeded);
+    IF EXISTS (SELECT 1 FROM conveyor_job_deps WHERE depends_on = ANY(_r.succeeded)) THEN
+        PERFORM conveyor_release_dependents(_r.succeeded);
     END IF;
     RETURN NULL;
 END
@@ -393,7 +511,7 @@ DECLARE
     _deleted bigint[];
     _reasons text[];
 BEGIN
-    DELETE FROM conveyor_job_events e USING old_rows o WHERE e.job_id = o.id;
+    PERFORM conveyor_history_forget(ARRAY(SELECT o.id FROM old_rows o));
     DELETE FROM conveyor_job_deps d USING old_rows o WHERE d.job_id = o.id;
     SELECT array_agg(o.id ORDER BY o.id),
            array_agg(format('dependency job %s (%s) was deleted', o.id, o.task) ORDER BY o.id)

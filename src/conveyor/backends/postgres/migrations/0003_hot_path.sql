@@ -101,3 +101,233 @@ BEGIN
     END IF;
 END
 $fn$;
+
+-- History, one row per statement: every statement that inserts jobs or moves them (state or
+-- attempt) records its transitions in one conveyor_history row per 1000 jobs, the jobs' entries
+-- in parallel arrays, found by job id through a GIN index. Version 1 wrote one row per job and
+-- transition, the largest single cost of a claim and of a finish. An array whose entries are all
+-- the same (the worker and the new state of a claim, say) is stored as that one entry.
+-- conveyor_job_events is now a view with the version 1 columns: one row per job and transition,
+-- its id the record's id * 1024 plus the job's position in it (ids keep their order, and never
+-- change). A deleted job's entries are blanked (NULL in every array); a record left without a
+-- job is deleted.
+CREATE TABLE conveyor_history (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at          timestamptz NOT NULL DEFAULT now(),
+    job_ids     bigint[] NOT NULL,
+    from_states text[] NOT NULL,
+    to_states   text[] NOT NULL,
+    workers     text[] NOT NULL,
+    attempts    integer[] NOT NULL,
+    errors      jsonb,  -- a JSON array of the entries' errors (without traceback); NULL: none
+    CONSTRAINT conveyor_history_entries CHECK (
+        cardinality(job_ids) BETWEEN 1 AND 1000
+        AND cardinality(from_states) IN (1, cardinality(job_ids))
+        AND cardinality(to_states) IN (1, cardinality(job_ids))
+        AND cardinality(workers) IN (1, cardinality(job_ids))
+        AND cardinality(attempts) = cardinality(job_ids)
+        AND (errors IS NULL OR jsonb_array_length(errors) = cardinality(job_ids)))
+);
+CREATE INDEX conveyor_history_jobs ON conveyor_history USING gin (job_ids);
+CREATE INDEX conveyor_history_at ON conveyor_history (at);
+
+INSERT INTO conveyor_history (at, job_ids, from_states, to_states, workers, attempts, errors)
+SELECT at, ARRAY[job_id], ARRAY[from_state], ARRAY[to_state], ARRAY[worker], ARRAY[attempt],
+       CASE WHEN error IS NOT NULL THEN jsonb_build_array(error) END
+  FROM conveyor_job_events
+ ORDER BY id;
+DROP TABLE conveyor_job_events;
+
+-- The n-th entry of a history array stored whole or as its one repeated entry.
+CREATE FUNCTION conveyor_history_entry(_values text[], _n bigint) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
+    SELECT CASE WHEN cardinality(_values) = 1 THEN _values[1] ELSE _values[_n] END
+$fn$;
+
+CREATE VIEW conveyor_job_events AS
+SELECT h.id * 1024 + e.n - 1 AS id, e.job_id, h.at,
+       conveyor_history_entry(h.from_states, e.n) AS from_state,
+       conveyor_history_entry(h.to_states, e.n) AS to_state,
+       conveyor_history_entry(h.workers, e.n) AS worker,
+       e.attempt, h.errors -> (e.n::integer - 1) AS error
+  FROM conveyor_history h
+ CROSS JOIN LATERAL unnest(h.job_ids, h.attempts) WITH ORDINALITY AS e(job_id, attempt, n)
+ WHERE e.job_id IS NOT NULL;
+
+-- An array as history stores it: its one entry when all are the same. (No sub-select, so the
+-- function is inlined into its callers' cached plans; array equality counts NULLs as equal.)
+CREATE FUNCTION conveyor_history_array(_values text[]) RETURNS text[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
+    SELECT CASE WHEN _values = array_fill(_values[1], ARRAY[cardinality(_values)])
+                THEN ARRAY[_values[1]] ELSE _values END
+$fn$;
+
+-- Record transitions (job, from, to, worker, attempt, error), 1000 per row. (PL/pgSQL, not SQL:
+-- its plans are cached for the session, where an SQL function's are made again at every call.)
+CREATE FUNCTION conveyor_history_record(_ids bigint[], _from text[], _to text[], _workers text[],
+                                        _attempts integer[], _errors jsonb[]) RETURNS void
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    IF cardinality(_ids) <= 1000 THEN
+        INSERT INTO conveyor_history (job_ids, from_states, to_states, workers, attempts, errors)
+        VALUES (_ids, conveyor_history_array(_from), conveyor_history_array(_to),
+                conveyor_history_array(_workers), _attempts,
+                CASE WHEN _errors <> array_fill(NULL::jsonb, ARRAY[cardinality(_errors)])
+                     THEN to_jsonb(_errors) END);
+        RETURN;
+    END IF;
+    FOR _start IN 1 .. cardinality(_ids) BY 1000 LOOP
+        PERFORM conveyor_history_record(_ids[_start:_start + 999], _from[_start:_start + 999],
+                                        _to[_start:_start + 999], _workers[_start:_start + 999],
+                                        _attempts[_start:_start + 999],
+                                        _errors[_start:_start + 999]);
+    END LOOP;
+END
+$fn$;
+
+-- Blank the history entries of deleted jobs; delete the records left without a job.
+CREATE FUNCTION conveyor_history_forget(_ids bigint[]) RETURNS void
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    DELETE FROM conveyor_history h
+     WHERE h.job_ids && _ids
+       AND NOT EXISTS (SELECT 1 FROM unnest(h.job_ids) AS j WHERE j <> ALL(_ids));
+    UPDATE conveyor_history h
+       SET job_ids = k.job_ids, from_states = k.from_states, to_states = k.to_states,
+           workers = k.workers, attempts = k.attempts, errors = k.errors
+      FROM (SELECT x.id,
+                   array_agg(CASE WHEN e.gone THEN NULL ELSE e.job_id END ORDER BY e.n) AS job_ids,
+                   array_agg(CASE WHEN e.gone THEN NULL
+                                  ELSE conveyor_history_entry(x.from_states, e.n) END
+                             ORDER BY e.n) AS from_states,
+                   array_agg(CASE WHEN e.gone THEN NULL
+                                  ELSE conveyor_history_entry(x.to_states, e.n) END
+                             ORDER BY e.n) AS to_states,
+                   array_agg(CASE WHEN e.gone THEN NULL
+                                  ELSE conveyor_history_entry(x.workers, e.n) END
+                             ORDER BY e.n) AS workers,
+                   array_agg(CASE WHEN e.gone THEN NULL ELSE e.attempt END ORDER BY e.n) AS attempts,
+                   CASE WHEN x.errors IS NOT NULL THEN
+                       jsonb_agg(CASE WHEN e.gone THEN 'null'::jsonb
+                                      ELSE x.errors -> (e.n::integer - 1) END ORDER BY e.n)
+                   END AS errors
+              FROM conveyor_history x
+             CROSS JOIN LATERAL (
+                   SELECT u.*, u.job_id IS NULL OR u.job_id = ANY(_ids) AS gone
+                     FROM unnest(x.job_ids, x.attempts) WITH ORDINALITY AS u(job_id, attempt, n)) e
+             WHERE x.job_ids && _ids
+             GROUP BY x.id) k
+     WHERE h.id = k.id;
+END
+$fn$;
+
+-- Inserted jobs: their history, and notifications (jobs due now; jobs inserted cancelled).
+CREATE OR REPLACE FUNCTION conveyor_jobs_after_insert() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    _r record;
+BEGIN
+    SELECT array_agg(n.id ORDER BY n.id) AS ids,
+           array_agg(NULL::text ORDER BY n.id) AS from_states,
+           array_agg(n.state ORDER BY n.id) AS to_states,
+           array_agg(n.lease_owner ORDER BY n.id) AS workers,
+           array_agg(n.attempt ORDER BY n.id) AS attempts,
+           array_agg(n.last_error - 'traceback' ORDER BY n.id) AS errors,
+           array_agg(DISTINCT n.queue) FILTER (WHERE n.state = 'queued' AND n.run_at <= now()) AS due,
+           array_agg(n.id ORDER BY n.id) FILTER (WHERE n.state IN ('succeeded', 'dead', 'cancelled'))
+               AS finished
+      INTO _r
+      FROM new_rows n;
+    IF _r.ids IS NULL THEN
+        RETURN NULL;
+    END IF;
+    PERFORM conveyor_history_record(_r.ids, _r.from_states, _r.to_states, _r.workers,
+                                    _r.attempts, _r.errors);
+    IF _r.due IS NOT NULL THEN
+        PERFORM conveyor_notify_due(_r.due);
+    END IF;
+    IF _r.finished IS NOT NULL THEN
+        PERFORM conveyor_notify_finished(_r.finished);
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+
+-- Moved jobs (state or attempt changed), in one pass over the statement's transitions: their
+-- history; idle workers woken for jobs due now; result waiters told which jobs finished; the
+-- dependents of finished jobs released or cancelled. The worker is the lease owner involved: the
+-- new one on a claim, the old one when a running job leaves running. The attempt is the one that
+-- ended when leaving running, else the new one.
+CREATE OR REPLACE FUNCTION conveyor_jobs_after_update() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    _r record;
+BEGIN
+    SELECT array_agg(n.id ORDER BY n.id) AS ids,
+           array_agg(o.state ORDER BY n.id) AS from_states,
+           array_agg(n.state ORDER BY n.id) AS to_states,
+           array_agg(coalesce(n.lease_owner, o.lease_owner) ORDER BY n.id) AS workers,
+           array_agg(CASE WHEN o.state = 'running' THEN o.attempt ELSE n.attempt END ORDER BY n.id)
+               AS attempts,
+           array_agg(CASE WHEN n.last_error IS DISTINCT FROM o.last_error
+                          THEN n.last_error - 'traceback' END ORDER BY n.id) AS errors,
+           array_agg(DISTINCT n.queue) FILTER (WHERE n.state IN ('queued', 'retrying')
+                                                 AND n.state <> o.state AND n.run_at <= now()) AS due,
+           array_agg(n.id ORDER BY n.id) FILTER (WHERE n.state = 'succeeded' AND o.state <> 'succeeded')
+               AS succeeded,
+           array_agg(n.id ORDER BY n.id) FILTER (WHERE n.state IN ('dead', 'cancelled')
+                                                   AND n.state <> o.state) AS failed,
+           array_agg(CASE WHEN n.last_error->>'kind' = 'dependency' THEN n.last_error->>'message'
+                          ELSE format('dependency job %s (%s) ended %s', n.id, n.task, n.state)
+                     END ORDER BY n.id) FILTER (WHERE n.state IN ('dead', 'cancelled')
+                                                  AND n.state <> o.state) AS reasons
+      INTO _r
+      FROM new_rows n JOIN old_rows o ON o.id = n.id
+     WHERE n.state <> o.state OR n.attempt <> o.attempt;
+    IF _r.ids IS NULL THEN
+        RETURN NULL;  -- no transition (a heartbeat, a cancel request)
+    END IF;
+    PERFORM conveyor_history_record(_r.ids, _r.from_states, _r.to_states, _r.workers,
+                                    _r.attempts, _r.errors);
+    IF _r.due IS NOT NULL THEN
+        PERFORM conveyor_notify_due(_r.due);
+    END IF;
+    IF _r.succeeded IS NULL AND _r.failed IS NULL THEN
+        RETURN NULL;
+    END IF;
+    PERFORM conveyor_notify_finished(coalesce(_r.succeeded, '{}') || coalesce(_r.failed, '{}'));
+    IF EXISTS (SELECT 1 FROM conveyor_job_deps WHERE depends_on = ANY(_r.failed)) THEN
+        PERFORM conveyor_cancel_dependents(_r.failed, _r.reasons);
+    END IF;
+    IF EXISTS (SELECT 1 FROM conveyor_job_deps WHERE depends_on = ANY(_r.succeeded)) THEN
+        PERFORM conveyor_release_dependents(_r.succeeded);
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+
+-- A deleted job takes its history and its dependency edges with it, and cancels the jobs still
+-- waiting for it.
+CREATE OR REPLACE FUNCTION conveyor_jobs_after_delete() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    _deleted bigint[];
+    _reasons text[];
+BEGIN
+    PERFORM conveyor_history_forget(ARRAY(SELECT o.id FROM old_rows o));
+    DELETE FROM conveyor_job_deps d USING old_rows o WHERE d.job_id = o.id;
+    SELECT array_agg(o.id ORDER BY o.id),
+           array_agg(format('dependency job %s (%s) was deleted', o.id, o.task) ORDER BY o.id)
+      INTO _deleted, _reasons
+      FROM old_rows o
+     WHERE EXISTS (SELECT 1 FROM conveyor_job_deps d WHERE d.depends_on = o.id);
+    IF _deleted IS NOT NULL THEN
+        PERFORM conveyor_cancel_dependents(_deleted, _reasons);
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+
+-- Rescue scans the running jobs (few: a fleet's slots), so leases need no index of their own;
+-- heartbeats, which only move the lease, can then update in place (HOT).
+DROP INDEX conveyor_jobs_running;
