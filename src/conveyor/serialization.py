@@ -146,6 +146,21 @@ class UnreadableJSON:
     __repr__ = __str__
 
 
+_scan_once = json.JSONDecoder().scan_once
+
+
+def load_text(text: str, start: int = 0) -> Any:
+    """:func:`load_stored` for a ``str`` holding one JSON value from ``start`` on (PostgreSQL's
+    binary jsonb has a version byte first), through the C scanner directly: about half the cost
+    of ``json.loads``, on the hot path of every claimed job. Anything unusual (whitespace around
+    the value, invalid JSON) takes the ``json.loads`` path, which says what is wrong."""
+    try:
+        value, end = _scan_once(text, start)
+    except (StopIteration, ValueError, RecursionError):
+        return load_stored(text[start:])
+    return value if end == len(text) else load_stored(text[start:])
+
+
 def load_stored(data: str | bytes | bytearray | memoryview) -> Any:
     """Decode a JSON column as stored; an :class:`UnreadableJSON` instead of raising, so one
     corrupted row cannot break a claim or a listing (backends decode every JSON column here)."""

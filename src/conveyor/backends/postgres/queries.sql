@@ -90,11 +90,14 @@ UPDATE conveyor_jobs j
 RETURNING j.id
 
 -- name: finish_succeeded
--- The common case of finish, cheaper: every outcome a success.
+-- The common case of finish, cheaper: every outcome a success. Ids and attempts come as array
+-- literals, the results as one JSON array (each result is JSON text already).
 UPDATE conveyor_jobs j
-   SET state = 'succeeded', finished_at = greatest(now(), j.attempted_at), result = o.result::jsonb,
+   SET state = 'succeeded', finished_at = greatest(now(), j.attempted_at), result = o.result,
        lease_owner = NULL, lease_expires_at = NULL, cancel_requested = false
-  FROM unnest(%(id)s::bigint[], %(attempt)s::int[], %(result)s::text[]) AS o(id, attempt, result)
+  FROM (SELECT u.id, u.attempt, r.result
+          FROM unnest(%(id)s::bigint[], %(attempt)s::int[]) WITH ORDINALITY AS u(id, attempt, n)
+          JOIN jsonb_array_elements(%(result)s::jsonb) WITH ORDINALITY AS r(result, n) USING (n)) o
  WHERE j.id = o.id AND j.state = 'running' AND j.attempt = o.attempt
    AND j.lease_owner = %(worker)s
 RETURNING j.id
