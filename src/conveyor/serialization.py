@@ -146,7 +146,7 @@ class UnreadableJSON:
     __repr__ = __str__
 
 
-_scan_once = json.JSONDecoder().scan_once
+_scan_once: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
 
 def load_text(text: str, start: int = 0) -> Any:

@@ -357,6 +357,7 @@ class PostgresBackend(Backend):
     def job_finish_many(self, worker_id: str, outcomes: Sequence[Outcome]) -> set[int]:
         if not outcomes:
             return set()
+        params: dict[str, Any]
         if all(o.state is JobState.SUCCEEDED for o in outcomes):
             params = {
                 "worker": worker_id,
