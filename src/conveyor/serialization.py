@@ -113,12 +113,60 @@ def _find_text(value: Any, path: str, bad: Callable[[str], bool]) -> str | None:
     return None
 
 
+def _flat_and_valid(items: Any) -> bool:
+    """Whether ``items`` (a list's or tuple's elements, a dict's values) are all scalars that
+    :func:`_check` would accept: the common case, checked without a call per element."""
+    for v in items:
+        kind = type(v)
+        if kind is str:
+            if "\x00" in v:
+                return False
+        elif kind is int:
+            if v.bit_length() > _INT_BITS:
+                return False
+        elif kind is float:
+            if not math.isfinite(v):
+                return False
+        elif v is not None and kind is not bool:
+            return False
+    return True
+
+
+def _checked_fast(value: Any) -> bool:
+    """True if ``value`` is a list, tuple or dict (str keys) of valid scalars, so that
+    :func:`_check` can be skipped; False means: run the full check."""
+    kind = type(value)
+    if kind is list or kind is tuple:
+        return _flat_and_valid(value)
+    if kind is dict:
+        return all(type(k) is str and "\x00" not in k for k in value) and _flat_and_valid(
+            value.values()
+        )
+    return False
+
+
+#: The C encoder, built once (json.dumps builds one per call): compact, UTF-8 as is, no NaN.
+#: No circular-reference check: _check has refused anything nested 128 deep (or cyclic) first.
+_encode = json.encoder.c_make_encoder(  # type: ignore[attr-defined]
+    None,
+    json.JSONEncoder().default,
+    json.encoder.c_encode_basestring,  # type: ignore[attr-defined]
+    None,
+    ":",
+    ",",
+    False,
+    False,
+    False,
+)
+
+
 def dumps(value: Any, path: str, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> str:
     """Encode ``value`` as compact JSON, or raise :class:`InvalidArgumentsError` naming ``path``."""
-    _check(value, path, 0)
-    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    if not _checked_fast(value):
+        _check(value, path, 0)
+    text = "".join(_encode(value, 0))
     try:
-        size = len(text.encode())
+        size = len(text) if text.isascii() else len(text.encode())
     except UnicodeEncodeError:
         where = _find_text(value, path, lambda s: not _utf8(s)) or path
         raise InvalidArgumentsError(

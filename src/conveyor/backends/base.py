@@ -111,7 +111,7 @@ def job_from_values(values: list[Any], **extra: Any) -> Job:
     if extra:
         fields.update(extra)
     job = object.__new__(Job)
-    job.__dict__.update(fields)
+    object.__setattr__(job, "__dict__", fields)  # the dict itself, not a copy
     return job
 
 
