@@ -225,8 +225,10 @@ class Worker:
                 logger.exception("worker %s: %s failed", self.id, getattr(fn, "__name__", fn))
 
     async def _wait_wake(self, timeout: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout)
+        if not self._wake.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):  # no task per wait, unlike wait_for
+                    await self._wake.wait()
         self._wake.clear()
 
     # -- claiming -------------------------------------------------------------------------------
@@ -245,22 +247,32 @@ class Worker:
     async def _fetch_loop(self, until_idle: bool) -> None:
         failures = 0
         claimed_any = True
-        batching = False
+        window_ends: float | None = None  # while waiting for more slots to free up
         while not self._stopping:
             free = self.concurrency - len(self._attempts)
             if free <= 0:
                 await self._wait_wake(self.poll_interval)
                 continue
-            if self._attempts and free < self._claim_min and not batching and not until_idle:
-                batching = True  # let a few more slots free up: one bigger claim, not many small
-                await asyncio.sleep(self.batch_window)
-                continue
-            batching = False
+            if self._attempts and free < self._claim_min and not until_idle:
+                # Few slots free: wait (up to one batch window) for more, so that one bigger
+                # claim replaces many small ones. Every finishing job wakes us to look again.
+                now = self._loop.time()
+                window_ends = window_ends or now + self.batch_window
+                if now < window_ends:
+                    await self._wait_wake(window_ends - now)
+                    continue
+            window_ends = None
             if until_idle:
                 await self._flush()
             try:
+                # At most a batch per claim: with more slots than that, the next claim is on its
+                # way while the jobs of this one run (claims and runs overlap).
                 jobs = await self._db(
-                    self.app.backend.job_fetch_available, self.id, self.queues, free, self.lease
+                    self.app.backend.job_fetch_available,
+                    self.id,
+                    self.queues,
+                    min(free, self.batch_size),
+                    self.lease,
                 )
                 failures = 0
             except Exception as exc:

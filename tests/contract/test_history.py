@@ -14,7 +14,7 @@ from conveyor.backends.base import NewJob
 from conveyor.cli import main
 from conveyor.states import Backoff, cancel, fail, snooze, succeed
 
-from .conftest import RawDB, claim_one, past_lease
+from .conftest import RawDB, claim_one, is_sqlite, past_lease
 
 Q, R, S, D, C = (
     JobState.QUEUED,
@@ -133,6 +133,50 @@ def test_bulk_insert_claim_and_batched_finish_record_one_event_per_job(
             (R, S, "w", 1, None),
         ]
     assert raw.scalar("SELECT count(*) FROM conveyor_job_events") == 3 * n
+
+
+def test_a_bulk_insert_larger_than_a_history_record_lists_every_job(
+    app: Conveyor, raw: RawDB
+) -> None:
+    """(PostgreSQL keeps one history record per statement and 1000 jobs: a 2,500-job insert spans
+    three.) Every job, first to last, has exactly its own events."""
+    n = 2500
+    jobs = app.backend.job_insert_many([NewJob(task="h.big", queue="big") for _ in range(n)])
+    claimed = app.backend.job_fetch_available("w", ["big"], 1200, 30)
+    assert len(claimed) == 1200
+    for job in (jobs[0], jobs[999], jobs[1000], jobs[1199], jobs[1200], jobs[-1]):
+        expected = [(None, Q, None, 0, None)]
+        if job.id in {c.id for c in claimed}:
+            expected.append((Q, R, "w", 1, None))
+        assert _rows(app.backend.job_events(job.id)) == expected
+    assert raw.scalar("SELECT count(*) FROM conveyor_job_events") == n + 1200
+    ids = [e.id for e in app.backend.job_events(jobs[-1].id)]
+    assert len(ids) == len(set(ids)) == 1
+
+
+def test_deleting_jobs_keeps_the_history_of_jobs_recorded_with_them(
+    app: Conveyor, raw: RawDB
+) -> None:
+    """Jobs inserted, claimed and finished together: deleting some leaves the others' history as
+    it was, event ids included."""
+    jobs = app.backend.job_insert_many([NewJob(task="h.t", queue="t") for _ in range(5)])
+    claimed = app.backend.job_fetch_available("w", ["t"], 5, 30)
+    app.backend.job_finish_many("w", [succeed(j, "1") for j in claimed])
+    before = {j.id: app.backend.job_events(j.id) for j in jobs}
+    assert all(len(events) == 3 for events in before.values())
+
+    doomed = [jobs[1].id, jobs[3].id]
+    for job_id in doomed:
+        assert app.delete_job(job_id) is True
+    for job in jobs:
+        expected = [] if job.id in doomed else before[job.id]
+        assert app.backend.job_events(job.id) == expected
+    assert raw.scalar("SELECT count(*) FROM conveyor_job_events") == 3 * 3
+    for job_id in (jobs[0].id, jobs[2].id, jobs[4].id):
+        assert app.delete_job(job_id) is True
+    assert raw.scalar("SELECT count(*) FROM conveyor_job_events") == 0
+    if not is_sqlite(app.url):  # and no record is left behind without a job
+        assert raw.scalar("SELECT count(*) FROM conveyor_history") == 0
 
 
 def test_changes_made_with_plain_sql_are_recorded_too(app: Conveyor, raw: RawDB) -> None:
