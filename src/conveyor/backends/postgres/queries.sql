@@ -69,6 +69,11 @@ SELECT {job_columns} FROM conveyor_jobs
    AND (%(since)s::timestamptz IS NULL OR attempted_at > %(since)s::timestamptz)
 
 -- name: finish
+-- Fenced: only while the job runs under this worker with the same attempt. "Runs under this
+-- worker" is lease_owner alone: a job has a lease_owner exactly while running (CHECK
+-- conveyor_jobs_lease_iff_running). Writing state = 'running' too would let the planner scan the
+-- running jobs' partial index, whose dead entries (every job ever claimed, until VACUUM) made
+-- each write slower than the last, instead of looking the jobs up by id.
 UPDATE conveyor_jobs j
    SET state = o.state,
        run_at = CASE WHEN o.state IN ('queued', 'retrying')
@@ -85,27 +90,26 @@ UPDATE conveyor_jobs j
   FROM unnest(%(id)s::bigint[], %(attempt)s::int[], %(state)s::text[], %(delay)s::float8[],
               %(result)s::text[], %(error)s::text[], %(refund)s::int[], %(snoozed)s::int[])
        AS o(id, attempt, state, delay, result, error, refund, snoozed)
- WHERE j.id = o.id AND j.state = 'running' AND j.attempt = o.attempt
-   AND j.lease_owner = %(worker)s
+ WHERE j.id = o.id AND j.attempt = o.attempt AND j.lease_owner = %(worker)s
 RETURNING j.id
 
 -- name: finish_succeeded
 -- The common case of finish, cheaper: every outcome a success. Ids and attempts come as array
--- literals, the results as one JSON array (each result is JSON text already).
+-- literals, the results as one JSON array (each result is JSON text already). Fenced as finish.
 UPDATE conveyor_jobs j
    SET state = 'succeeded', finished_at = greatest(now(), j.attempted_at), result = o.result,
        lease_owner = NULL, lease_expires_at = NULL, cancel_requested = false
   FROM (SELECT u.id, u.attempt, r.result
           FROM unnest(%(id)s::bigint[], %(attempt)s::int[]) WITH ORDINALITY AS u(id, attempt, n)
           JOIN jsonb_array_elements(%(result)s::jsonb) WITH ORDINALITY AS r(result, n) USING (n)) o
- WHERE j.id = o.id AND j.state = 'running' AND j.attempt = o.attempt
-   AND j.lease_owner = %(worker)s
+ WHERE j.id = o.id AND j.attempt = o.attempt AND j.lease_owner = %(worker)s
 RETURNING j.id
 
 -- name: heartbeat
+-- (Held: lease_owner alone, as in finish.)
 UPDATE conveyor_jobs
    SET lease_expires_at = now() + %(lease)s * interval '1 second', heartbeat_at = now()
- WHERE id = ANY(%(ids)s::bigint[]) AND state = 'running' AND lease_owner = %(worker)s
+ WHERE id = ANY(%(ids)s::bigint[]) AND lease_owner = %(worker)s
 RETURNING id, cancel_requested
 
 -- name: rescue_stuck
@@ -133,10 +137,11 @@ UPDATE conveyor_jobs j
 RETURNING {j.job_columns}
 
 -- name: hand_back
+-- (Held: lease_owner alone, as in finish.)
 UPDATE conveyor_jobs
    SET state = 'queued', run_at = now(), attempt = attempt - 1,
        lease_owner = NULL, lease_expires_at = NULL, cancel_requested = false
- WHERE id = ANY(%(ids)s::bigint[]) AND state = 'running' AND lease_owner = %(worker)s
+ WHERE id = ANY(%(ids)s::bigint[]) AND lease_owner = %(worker)s
 
 -- name: get_job
 SELECT {job_columns} FROM conveyor_jobs WHERE id = %(id)s
