@@ -174,6 +174,21 @@ def migrate(app: Conveyor) -> None:
     type=click.FloatRange(min=0),
     help="Seconds between fleet-wide prunes of old jobs and history; 0: never from this worker.",
 )
+@click.option(
+    "--vacuum-interval",
+    default=2.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds between looks at the jobs table's dead rows (PostgreSQL), vacuumed past "
+    "50,000; 0: never from this worker.",
+)
+@click.option(
+    "--batch-size",
+    default=100,
+    show_default=True,
+    type=click.IntRange(min=1, max=10_000),
+    help="Most jobs per claim and outcomes per write.",
+)
 @click.option("--log-level", default="INFO", show_default=True)
 @click.option(
     "--loop",
@@ -191,6 +206,8 @@ def worker(
     grace: float,
     poll_interval: float,
     prune_interval: float,
+    vacuum_interval: float,
+    batch_size: int,
     log_level: str,
     loop_kind: str,
 ) -> None:
@@ -205,6 +222,8 @@ def worker(
         grace=grace,
         poll_interval=poll_interval,
         prune_interval=prune_interval or None,
+        vacuum_interval=vacuum_interval or None,
+        batch_size=batch_size,
     )
     app.backend  # noqa: B018 - fail fast, before the loop starts, on a bad URL or schema
     with asyncio.Runner(loop_factory=_loop_factory(loop_kind)) as runner:

@@ -30,6 +30,7 @@ from .job import Job, JobState
 from .options import check_queue_name
 from .services.pruner import Pruner
 from .services.rescuer import Rescuer
+from .services.vacuum import DEFAULT_MIN_DEAD, Vacuum
 from .services.watchdog import Watchdog
 from .states import Outcome
 
@@ -89,6 +90,8 @@ class Worker:
         grace: float = 30.0,
         rescue_interval: float | None = None,
         prune_interval: float | None = 3600.0,
+        vacuum_interval: float | None = 2.0,
+        vacuum_min_dead: int = DEFAULT_MIN_DEAD,
         batch_size: int = 100,
         batch_window: float = 0.002,
         worker_id: str | None = None,
@@ -97,8 +100,12 @@ class Worker:
             raise ValueError(f"concurrency must be >= 1, not {concurrency}")
         if lease <= 0 or poll_interval <= 0 or grace < 0:
             raise ValueError("lease and poll_interval must be > 0 and grace >= 0")
-        if prune_interval is not None and not prune_interval > 0:
-            raise ValueError(f"prune_interval must be > 0 or None, not {prune_interval!r}")
+        for name, value in (
+            ("prune_interval", prune_interval),
+            ("vacuum_interval", vacuum_interval),
+        ):
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0 or None, not {value!r}")
         self.app = app
         self.queues = [check_queue_name(q) for q in (queues or app.default_queues())]
         self.concurrency = concurrency
@@ -111,6 +118,9 @@ class Worker:
         )
         #: How often one worker of the fleet prunes (see services/pruner.py); None: never here.
         self.prune_interval = prune_interval
+        #: How often this worker looks at the jobs table's dead rows (services/vacuum.py).
+        self.vacuum_interval = vacuum_interval
+        self.vacuum_min_dead = vacuum_min_dead
         self.batch_size = batch_size
         self.batch_window = batch_window
         self.id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -164,6 +174,10 @@ class Worker:
             # Check a few times per interval; the database lets one worker per interval prune.
             check = self.prune_interval / 4
             services.append(asyncio.create_task(self._every(check, self._prune_once)))
+        if self.vacuum_interval is not None:
+            services.append(
+                asyncio.create_task(self._every(self.vacuum_interval, self._vacuum_once))
+            )
         # Idle workers wake on a push where the backend has one (LISTEN/NOTIFY), else poll.
         stop_push = (
             None
@@ -542,6 +556,9 @@ class Worker:
 
     async def _watchdog_once(self) -> None:
         await self._db(Watchdog(self.app.backend).run_once)
+
+    async def _vacuum_once(self) -> None:
+        await self._db(Vacuum(self.app.backend, self.vacuum_min_dead).run_once)
 
     async def _prune_once(self) -> None:
         assert self.prune_interval is not None

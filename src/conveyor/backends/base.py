@@ -345,6 +345,14 @@ class Backend(abc.ABC):
         run was recorded or the last one started at least ``interval`` seconds before ``now``;
         else False. Atomic: of concurrent callers, at most one wins per interval."""
 
+    def jobs_vacuum(self, min_dead: int) -> bool:
+        """Reclaim the jobs table's dead row versions when it holds at least ``min_dead`` of them;
+        True if it did. Every claim and every outcome leaves one behind on PostgreSQL (MVCC), and
+        an entry in the claim index that each later claim steps over until VACUUM removes it.
+        Never blocks claims or writes, and skips its turn while another process vacuums the
+        table. The default, for stores that keep no dead versions (SQLite): False."""
+        return False
+
     @abc.abstractmethod
     def maintenance_lock(self, name: str) -> AbstractContextManager[bool]:
         """A context manager yielding whether this process may run maintenance task ``name`` now,

@@ -2,6 +2,7 @@
 
 from .pruner import Pruner, PruneResult, Retention
 from .rescuer import Rescuer
+from .vacuum import Vacuum
 from .watchdog import Watchdog
 
-__all__ = ["PruneResult", "Pruner", "Rescuer", "Retention", "Watchdog"]
+__all__ = ["PruneResult", "Pruner", "Rescuer", "Retention", "Vacuum", "Watchdog"]

@@ -512,6 +512,15 @@ class PostgresBackend(Backend):
         params = {"name": name, "holder": holder, "interval": float(interval), "now": now}
         return bool(self._all("leader_claim", params))
 
+    def jobs_vacuum(self, min_dead: int) -> bool:
+        with self._conn() as conn:
+            dead = conn.execute(QUERIES["jobs_dead_rows"]).fetchone()["n"]
+            if dead < min_dead:
+                return False
+            # SKIP_LOCKED: not behind another VACUUM of it (autovacuum, another worker)
+            conn.execute("VACUUM (SKIP_LOCKED, INDEX_CLEANUP ON) conveyor_jobs")
+            return True
+
     @contextmanager
     def maintenance_lock(self, name: str) -> Iterator[bool]:
         key = _MAINTENANCE_LOCKS[name]

@@ -249,6 +249,11 @@ WITH doomed AS (
 )
 SELECT coalesce(sum(events), 0)::bigint AS events FROM deleted
 
+-- name: jobs_dead_rows
+-- The server's count of dead row versions in the jobs table (statistics, updated within a second).
+SELECT coalesce((SELECT n_dead_tup FROM pg_stat_user_tables
+                  WHERE relid = 'conveyor_jobs'::regclass), 0) AS n
+
 -- name: leader_claim
 INSERT INTO conveyor_leader (name, holder, started_at)
 VALUES (%(name)s, %(holder)s, coalesce(%(now)s::timestamptz, now()))

@@ -1,0 +1,52 @@
+"""The vacuum service: on PostgreSQL it reclaims the dead row versions that claims and outcomes
+leave in the jobs table once there are enough of them; SQLite keeps none, so it never runs.
+(What it is for, claims as cheap after a million jobs as after a thousand, is measured by
+``conveyor bench``, not asserted here.)"""
+
+from __future__ import annotations
+
+from conveyor import Conveyor
+from conveyor.backends.base import NewJob
+from conveyor.services.vacuum import Vacuum
+from conveyor.states import succeed
+
+from .conftest import RawDB, is_sqlite, running_worker, wait_until
+
+
+def _churn(app: Conveyor, n: int) -> list[int]:
+    """n jobs inserted, claimed and finished: two dead row versions each on PostgreSQL."""
+    jobs = app.backend.job_insert_many([NewJob(task="v.t", queue="v") for _ in range(n)])
+    claimed = app.backend.job_fetch_available("w", ["v"], n, 30)
+    assert app.backend.job_finish_many("w", [succeed(j, "null") for j in claimed]) == {
+        j.id for j in jobs
+    }
+    return [j.id for j in jobs]
+
+
+def test_the_vacuum_runs_only_past_its_threshold_and_only_where_rows_die(
+    app: Conveyor, raw: RawDB
+) -> None:
+    ids = _churn(app, 50)
+    assert Vacuum(app.backend, min_dead=10**12).run_once() is False  # never that many
+    vacuumed = Vacuum(app.backend, min_dead=0).run_once()
+    assert vacuumed is (not is_sqlite(app.url))
+    # nothing a vacuum does is visible: the jobs and their history are all there
+    assert all(app.get_job(i).state == "succeeded" for i in ids)
+    assert raw.scalar("SELECT count(*) FROM conveyor_job_events") == 3 * len(ids)
+    if not is_sqlite(app.url):
+        vacuums = "SELECT vacuum_count FROM pg_stat_user_tables WHERE relname = 'conveyor_jobs'"
+        wait_until(lambda: raw.scalar(vacuums) >= 1, what="the vacuum in the statistics")
+
+
+def test_a_worker_vacuums_in_the_background(app: Conveyor, raw: RawDB) -> None:
+    @app.task(name="v.t", queue="v")
+    def noop() -> None: ...
+
+    _churn(app, 20)
+    if is_sqlite(app.url):
+        return  # nothing to vacuum (the service's pass is a no-op; covered above)
+    vacuums = "SELECT vacuum_count FROM pg_stat_user_tables WHERE relname = 'conveyor_jobs'"
+    before = raw.scalar(vacuums) or 0
+    options = {"vacuum_interval": 0.05, "vacuum_min_dead": 0, "poll_interval": 0.05}
+    with running_worker(app, queues=["v"], **options):  # any dead row is enough
+        wait_until(lambda: (raw.scalar(vacuums) or 0) > before, what="a background vacuum")
