@@ -3,6 +3,7 @@ SQLITE_BUSY is retried here, never surfaced to callers."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sqlite3
@@ -23,10 +24,10 @@ from ...errors import (
     JobNotFoundError,
 )
 from ...job import Job, JobEvent, JobState
-from ...serialization import load_stored
+from ...serialization import load_stored, load_text
 from ...states import Outcome
 from ..base import (
-    NEW_JOB_COLUMNS,
+    JOB_COLUMNS,
     RESCUE_BATCH,
     Backend,
     NewJob,
@@ -34,7 +35,8 @@ from ..base import (
     WorkerInfo,
     build_stats,
     event_from_row,
-    job_from_row,
+    job_columns,
+    job_from_values,
     redact_url,
 )
 from ..dedupe import resolve_inserted
@@ -54,7 +56,7 @@ from ..migrate import check_version
 T = TypeVar("T")
 
 _NOW = "((julianday('now') - 2440587.5) * 86400.0)"
-QUERIES = {k: v.replace("{now}", _NOW) for k, v in sqlfile.load(__name__).items()}
+QUERIES = {k: job_columns(v.replace("{now}", _NOW)) for k, v in sqlfile.load(__name__).items()}
 _TIME_COLUMNS = [
     "created_at",
     "run_at",
@@ -68,12 +70,15 @@ _TIME_COLUMNS = [
     "at",
 ]
 _JSON_COLUMNS = ("args", "kwargs", "last_error", "errors", "result", "queues", "error")
+#: Positions in a job row (``{job_columns}``) of its times and of its JSON columns.
+_JOB_TIMES = tuple(i for i, name in enumerate(JOB_COLUMNS) if name in _TIME_COLUMNS)
+_ARGS, _KWARGS, _LAST_ERROR, _ERRORS, _RESULT = (
+    JOB_COLUMNS.index(c) for c in ("args", "kwargs", "last_error", "errors", "result")
+)
 #: How long a write keeps retrying SQLITE_BUSY before giving up with a clear error.
 BUSY_RETRY_SECONDS = 60.0
 #: Idle connections kept open for reuse; more may be open while in use.
 _MAX_IDLE = 8
-#: Jobs inserted per statement by enqueue_many (one JSON array each).
-_INSERT_CHUNK = 5000
 
 
 def path_from_url(url: str) -> str:
@@ -125,16 +130,143 @@ def _convert(
     return out
 
 
-def _job(row: sqlite3.Row) -> Job:
-    return job_from_row(_convert(row))
+def _load(value: Any) -> Any:
+    """A JSON column's value: :func:`load_text` (the C scanner directly, several times cheaper
+    than ``json.loads``) for text, as stored; :func:`load_stored` for anything else, such as a
+    BLOB written behind Conveyor's back."""
+    return load_text(value) if type(value) is str else load_stored(value)
 
 
-def _record(job: NewJob, initial: dict[int, tuple[str, str | None]]) -> dict[str, Any]:
-    """One job as an object of the JSON array that ``insert_jobs`` reads."""
-    record = {k: getattr(job, k) for k in NEW_JOB_COLUMNS}
-    record["run_at"] = _from_time(job.run_at)
-    record["state"], record["reason"] = initial.get(id(job), NO_DEPENDENCIES)
-    return record
+def _jobs(rows: Iterable[Sequence[Any]]) -> list[Job]:
+    """Jobs from rows of ``{job_columns}`` (plain tuples, see _job_rows). The rows of one
+    statement share its clock ({now} is fixed within a statement), so each distinct time is
+    converted once; '[]' and '{}', the usual arguments and error history, are not decoded."""
+    times: dict[float, datetime | None] = {}
+    cached = times.get
+    jobs = []
+    for row in rows:
+        values = list(row)
+        for i in _JOB_TIMES:
+            value = values[i]
+            if value is not None:
+                at = cached(value)
+                if at is None:
+                    at = times[value] = _to_time(value)
+                values[i] = at
+        args = values[_ARGS]
+        values[_ARGS] = [] if args == "[]" else _load(args)
+        kwargs = values[_KWARGS]
+        values[_KWARGS] = {} if kwargs == "{}" else _load(kwargs)
+        errors = values[_ERRORS]
+        values[_ERRORS] = [] if errors == "[]" else _load(errors)
+        if values[_LAST_ERROR] is not None:
+            values[_LAST_ERROR] = _load(values[_LAST_ERROR])
+        if values[_RESULT] is not None:
+            values[_RESULT] = _load(values[_RESULT])
+        jobs.append(job_from_values(values))
+    return jobs
+
+
+def _job_rows(conn: sqlite3.Connection, query: str, params: dict[str, Any]) -> list[Job]:
+    """Run a job query (one that returns ``{job_columns}``) on ``conn``: its jobs. Rows come as
+    plain tuples, whatever the connection's row_factory (a caller's connection too)."""
+    cur = conn.cursor()
+    cur.row_factory = None
+    return _jobs(cur.execute(QUERIES[query], params).fetchall())
+
+
+def _record(ord: int, job: NewJob, initial: dict[int, tuple[str, str | None]]) -> tuple[Any, ...]:
+    """One job's row of ``insert_jobs``: its place in the input, its columns, state and reason."""
+    state, reason = initial.get(id(job), NO_DEPENDENCIES)
+    return (
+        ord,
+        job.task,
+        job.queue,
+        job.args,
+        job.kwargs,
+        job.priority,
+        job.delay,
+        _from_time(job.run_at),
+        job.max_attempts,
+        job.max_snoozes,
+        job.deadline,
+        job.timeout,
+        job.unique_key,
+        job.idempotency_key,
+        job.concurrency_key,
+        job.concurrency_limit,
+        state,
+        reason,
+    )
+
+
+#: Bound parameters per statement at most (SQLite's limit before 3.32 was 999).
+_MAX_PARAMS = 998
+#: Bound parameters per row of ``insert_jobs``, ``finish_succeeded`` and ``finish``.
+_INSERT_WIDTH, _SUCCESS_WIDTH, _OUTCOME_WIDTH = 18, 3, 8
+
+
+def _max_rows(width: int) -> int:
+    """Most rows of ``width`` parameters per statement: a power of two (32 for an insert)."""
+    return 1 << ((_MAX_PARAMS // width).bit_length() - 1)
+
+
+@functools.cache
+def _rows_sql(query: str, width: int, rows: int) -> str:
+    """``query`` with {rows} as ``rows`` rows of ``width`` bound parameters. Callers use a few
+    row counts (powers of two), so that each text is prepared once per connection (the sqlite3
+    module's statement cache) whatever the number of jobs."""
+    row = "(" + ", ".join("?" * width) + ")"
+    return QUERIES[query].replace("{rows}", ", ".join([row] * rows))
+
+
+def _insert_chunks(count: int) -> Iterator[tuple[int, int]]:
+    """(start, size) of the statements that insert ``count`` jobs: as many rows as a statement
+    takes at a time, then the rest by powers of two."""
+    start, most = 0, _max_rows(_INSERT_WIDTH)
+    while start < count:
+        size = min(most, 1 << ((count - start).bit_length() - 1))
+        yield start, size
+        start += size
+
+
+def _finish_statements(
+    worker_id: str, outcomes: Sequence[Outcome]
+) -> Iterator[tuple[str, list[Any]]]:
+    """The statements that write ``outcomes`` (no job twice), with their parameters: the cheaper
+    ``finish_succeeded`` when every one is a plain success, as most are. Each takes as many
+    outcomes as it can, padded with rows of NULLs to a power of two (one statement for a
+    worker's batch of 100 successes)."""
+    if all(
+        o.state == JobState.SUCCEEDED and o.error is None and not o.refund_attempt and not o.snoozed
+        for o in outcomes
+    ):
+        query, width = "finish_succeeded", _SUCCESS_WIDTH
+        values: list[Any] = [v for o in outcomes for v in (o.job_id, o.attempt, o.result)]
+    else:
+        query, width = "finish", _OUTCOME_WIDTH
+        values = [
+            v
+            for o in outcomes
+            for v in (
+                o.job_id,
+                o.attempt,
+                str(o.state),
+                o.delay,
+                o.result,
+                None if o.error is None else json.dumps(o.error),
+                int(o.refund_attempt),
+                int(o.snoozed),
+            )
+        ]
+    most = _max_rows(width)
+    for start in range(0, len(outcomes), most):
+        count = min(most, len(outcomes) - start)
+        rows = 1 << (count - 1).bit_length()
+        params = values[start * width : (start + count) * width]
+        params += [None] * ((rows - count) * width)
+        params.append(worker_id)
+        yield _rows_sql(query, width, rows), params
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
@@ -166,7 +298,11 @@ class SQLiteBackend(Backend):
         self.path = path_from_url(url)
         self._idle: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        #: Held around every write transaction of this backend (see _write).
+        self._writer = threading.RLock()
         self._closed = False
+        #: Workers whose last claim came back full (see _claim).
+        self._claimed_full: set[str] = set()
         with self._connection():  # open now, so a bad file fails here with a clear error
             pass
 
@@ -180,6 +316,10 @@ class SQLiteBackend(Backend):
             conn.execute("PRAGMA busy_timeout = 5000")
             self._retry_busy(lambda: conn.execute("PRAGMA journal_mode = WAL"))
             conn.execute("PRAGMA synchronous = NORMAL")
+            # The transient tables of a claim or an outcome write (RETURNING rows, IN lists,
+            # UPDATE ... FROM) in memory: about a tenth of their cost. (Whole-table sorts, as in
+            # stats(), spill to temp files instead: see _sorting.)
+            conn.execute("PRAGMA temp_store = MEMORY")
             # Cancelling a job's dependents fires the same trigger for theirs (dependencies).
             conn.execute("PRAGMA recursive_triggers = ON")
         except sqlite3.DatabaseError as exc:
@@ -221,8 +361,12 @@ class SQLiteBackend(Backend):
                 delay = min(delay * 2, 0.05)
 
     def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn`` in one BEGIN IMMEDIATE transaction, retrying the whole of it on SQLITE_BUSY."""
-        with self._connection() as conn:
+        """Run ``fn`` in one BEGIN IMMEDIATE transaction, retrying the whole of it on SQLITE_BUSY.
+
+        Writers of this process take turns on ``_writer`` first: one waiting for another in
+        SQLite's busy handler would sleep 1, 2, 5 ms... (a worker's claims and outcome writes run
+        in different threads), while the lock is held for well under a millisecond."""
+        with self._connection() as conn, self._writer:
             return self._retry_busy(lambda: self._transaction(conn, fn))
 
     @staticmethod
@@ -243,6 +387,13 @@ class SQLiteBackend(Backend):
 
     def _write_rows(self, query: str, params: dict[str, Any]) -> list[sqlite3.Row]:
         return self._write(lambda c: c.execute(QUERIES[query], params).fetchall())
+
+    def _read_jobs(self, query: str, params: dict[str, Any]) -> list[Job]:
+        with self._connection() as conn:
+            return self._retry_busy(lambda: _job_rows(conn, query, params))
+
+    def _write_jobs(self, query: str, params: dict[str, Any]) -> list[Job]:
+        return self._write(lambda conn: _job_rows(conn, query, params))
 
     def close(self) -> None:
         with self._lock:
@@ -318,15 +469,22 @@ class SQLiteBackend(Backend):
         initial = SQLiteBackend._initial_states(jobs, rows)
 
         def insert(batch: Sequence[NewJob]) -> list[Job]:
-            out: list[Job] = []
-            for start in range(0, len(batch), _INSERT_CHUNK):
-                records = [_record(job, initial) for job in batch[start : start + _INSERT_CHUNK]]
-                out.extend(_job(r) for r in rows("insert_jobs", {"jobs": json.dumps(records)}))
-            return out
+            cur = conn.cursor()
+            cur.row_factory = None
+            inserted: list[Any] = []
+            for start, size in _insert_chunks(len(batch)):
+                params = [
+                    value
+                    for ord in range(start, start + size)
+                    for value in _record(ord, batch[ord], initial)
+                ]
+                sql = _rows_sql("insert_jobs", _INSERT_WIDTH, size)
+                inserted += cur.execute(sql, params).fetchall()
+            return _jobs(inserted)
 
         def find(idem: list[str], uniq: list[str]) -> list[Job]:
             params = {"idempotency_keys": json.dumps(idem), "unique_keys": json.dumps(uniq)}
-            return [_job(r) for r in rows("find_duplicates", params)]
+            return _job_rows(conn, "find_duplicates", params)
 
         inserted = resolve_inserted(jobs, insert, find)
         pairs = edges(jobs, inserted)
@@ -352,66 +510,71 @@ class SQLiteBackend(Backend):
 
     def _claim(self, worker_id: str, queues: Sequence[str], limit: int, lease: float) -> list[Job]:
         qjson = json.dumps(list(queues))
-        with self._connection() as conn:
-            # A read first: an idle poll must not take the write lock that enqueuers need.
-            if not self._retry_busy(lambda: self._any_due(conn, qjson, queues)):
+        # A read first: an idle poll must not take the write lock that enqueuers need. Skipped
+        # while this worker's claims come back full: there is work, and the claim looks anyway.
+        if worker_id not in self._claimed_full:
+            with self._connection() as conn:
+                due = self._retry_busy(
+                    lambda: conn.execute(QUERIES["any_due"], {"queues": qjson}).fetchone()[0]
+                )
+            if not due:
                 return []
 
-        def claim(conn: sqlite3.Connection) -> list[sqlite3.Row]:
-            limited = [r[0] for r in conn.execute(QUERIES["limited_queues"], {"queues": qjson})]
-            ljson = json.dumps(limited)
+        def claim(conn: sqlite3.Connection) -> list[Job]:
+            limited_json, keyed = conn.execute(QUERIES["claim_plan"], {"queues": qjson}).fetchone()
+            limited = [] if limited_json == "[]" else json.loads(limited_json)
+            unlimited = list(dict.fromkeys(q for q in queues if q not in limited))
             # The best jobs under a limit and the best jobs under none; claim the best of both,
             # so priority order holds across the two (dropping limited jobs keeps the limits).
             chosen: list[sqlite3.Row] = []
-            if self._limited_due(conn, qjson, limited):
-                params = {"queues": qjson, "limited": ljson, "limit": limit, "scan": limit * 4}
+            if keyed or (
+                limited
+                and conn.execute(QUERIES["queues_due"], {"queues": limited_json}).fetchone()[0]
+            ):
+                params = {
+                    "queues": qjson,
+                    "limited": limited_json,
+                    "limit": limit,
+                    "scan": limit * 4,
+                }
                 chosen = conn.execute(QUERIES["choose_limited"], params).fetchall()
+            lease_params = {"worker": worker_id, "lease": lease}
+            if not chosen and len(unlimited) == 1:  # the usual claim: one statement
+                params = {**lease_params, "queue": unlimited[0], "limit": limit}
+                return _job_rows(conn, "claim_queue", params)
             # One query per queue: with ``queue = ?`` the partial index yields rows in claim
             # order, so a claim reads ~limit rows whatever the backlog (an IN list would sort).
-            for queue in (q for q in queues if q not in limited):
-                params = {"queue": queue, "limit": limit}
-                chosen += conn.execute(QUERIES["choose"], params).fetchall()
-            chosen.sort(key=lambda r: (-r["priority"], r["run_at"], r["id"]))
+            for queue in unlimited:
+                chosen += conn.execute(
+                    QUERIES["choose"], {"queue": queue, "limit": limit}
+                ).fetchall()
             if not chosen:
                 return []
-            ids = json.dumps([r["id"] for r in chosen[:limit]])
-            params = {"worker": worker_id, "lease": lease, "ids": ids}
-            return conn.execute(QUERIES["claim"], params).fetchall()
+            chosen.sort(key=lambda r: (-r[1], r[2], r[0]))  # rows of (id, priority, run_at)
+            ids = json.dumps([r[0] for r in chosen[:limit]])
+            return _job_rows(conn, "claim", {**lease_params, "ids": ids})
 
-        return [_job(r) for r in self._write(claim)]
-
-    @classmethod
-    def _any_due(cls, conn: sqlite3.Connection, qjson: str, queues: Sequence[str]) -> bool:
-        """Is any claimable job due in ``queues``? (Index probes only.)"""
-        return cls._limited_due(conn, qjson, list(queues))
-
-    @staticmethod
-    def _limited_due(conn: sqlite3.Connection, qjson: str, limited: list[str]) -> bool:
-        """Is any job under a concurrency limit due? (Limited queues are asked one by one, so
-        each check is an index probe, never a scan of the backlog.)"""
-        if conn.execute(QUERIES["keyed_due"], {"queues": qjson}).fetchone()[0]:
-            return True
-        return any(conn.execute(QUERIES["queue_due"], {"queue": q}).fetchone()[0] for q in limited)
+        jobs = self._write(claim)
+        if len(jobs) >= limit:
+            self._claimed_full.add(worker_id)
+        else:
+            self._claimed_full.discard(worker_id)
+        return jobs
 
     def job_finish_many(self, worker_id: str, outcomes: Sequence[Outcome]) -> set[int]:
         if not outcomes:
             return set()
+        # One statement for the batch; a job named twice (outcomes of two attempts) would make
+        # its result depend on the join: then one outcome at a time, in order, each fenced.
+        batches = [outcomes]
+        if len({o.job_id for o in outcomes}) < len(outcomes):
+            batches = [[o] for o in outcomes]
 
         def finish(conn: sqlite3.Connection) -> set[int]:
             applied: set[int] = set()
-            for o in outcomes:
-                params = {
-                    "worker": worker_id,
-                    "id": o.job_id,
-                    "attempt": o.attempt,
-                    "state": str(o.state),
-                    "delay": o.delay,
-                    "result": o.result,
-                    "error": None if o.error is None else json.dumps(o.error),
-                    "refund": int(o.refund_attempt),
-                    "snoozed": int(o.snoozed),
-                }
-                applied.update(r[0] for r in conn.execute(QUERIES["finish"], params))
+            for batch in batches:
+                for sql, params in _finish_statements(worker_id, batch):
+                    applied.update(r[0] for r in conn.execute(sql, params))
             return applied
 
         return self._write(finish)
@@ -426,7 +589,7 @@ class SQLiteBackend(Backend):
 
     def job_rescue_stuck(self, now: datetime | None = None) -> list[Job]:
         params = {"now": _from_time(now), "limit": RESCUE_BATCH}
-        return [_job(r) for r in self._write_rows("rescue_stuck", params)]
+        return self._write_jobs("rescue_stuck", params)
 
     def job_hand_back(self, worker_id: str, job_ids: Sequence[int]) -> int:
         if not job_ids:
@@ -435,14 +598,14 @@ class SQLiteBackend(Backend):
         return self._write(lambda c: c.execute(QUERIES["hand_back"], params).rowcount)
 
     def _one_job(self, query: str, job_id: int, **params: Any) -> Job | None:
-        rows = self._write_rows(query, {"id": job_id, **params})
-        return _job(rows[0]) if rows else None
+        jobs = self._write_jobs(query, {"id": job_id, **params})
+        return jobs[0] if jobs else None
 
     def job_get(self, job_id: int) -> Job:
-        rows = self._read("get_job", {"id": job_id})
-        if not rows:
+        jobs = self._read_jobs("get_job", {"id": job_id})
+        if not jobs:
             raise JobNotFoundError(f"no job with id {job_id}")
-        return _job(rows[0])
+        return jobs[0]
 
     def job_list(
         self,
@@ -452,23 +615,22 @@ class SQLiteBackend(Backend):
         limit: int = 100,
     ) -> list[Job]:
         params = {"state": state, "queue": queue, "task": task, "limit": limit}
-        return [_job(r) for r in self._read("list_jobs", params)]
+        return self._read_jobs("list_jobs", params)
 
     def job_retry(self, job_id: int) -> Job:
-        def retry(conn: sqlite3.Connection) -> sqlite3.Row | None:
-            current = conn.execute(QUERIES["get_job"], {"id": job_id}).fetchone()
-            if current is None or current["state"] not in ("dead", "cancelled"):
-                return None
+        def retry(conn: sqlite3.Connection) -> list[Job]:
+            current = conn.execute(QUERIES["job_state"], {"id": job_id}).fetchone()
+            if current is None or current[0] not in ("dead", "cancelled"):
+                return []
             rows = conn.execute(QUERIES["job_dependencies"], {"id": job_id}).fetchall()
             deps = [Dependency.from_row(_convert(r)) for r in rows]
             params = {"id": job_id, "state": retry_state(job_id, deps)}
-            row: sqlite3.Row | None = conn.execute(QUERIES["retry_job"], params).fetchone()
-            return row
+            return _job_rows(conn, "retry_job", params)
 
-        row = self._write(retry)
-        if row is None:
+        retried = self._write(retry)
+        if not retried:
             raise self._refusal(job_id, "only dead or cancelled jobs can be retried")
-        return _job(row)
+        return retried[0]
 
     def job_dependencies(self, job_id: int) -> list[int]:
         return [int(r["id"]) for r in self._read("job_dependencies", {"id": job_id})]
@@ -525,10 +687,25 @@ class SQLiteBackend(Backend):
         return [WorkerInfo(**_convert(r)) for r in self._read("list_workers")]
 
     def stats(self) -> list[QueueStats]:
-        def rows(name: str) -> list[dict[str, Any]]:
-            return [dict(zip(r.keys(), r, strict=True)) for r in self._read(name)]
+        with self._connection() as conn, self._sorting(conn):
 
-        return build_stats(rows("stats_counts"), rows("stats_oldest_due"), rows("stats_limits"))
+            def rows(name: str) -> list[dict[str, Any]]:
+                found = self._retry_busy(lambda: conn.execute(QUERIES[name]).fetchall())
+                return [dict(zip(r.keys(), r, strict=True)) for r in found]
+
+            return build_stats(rows("stats_counts"), rows("stats_oldest_due"), rows("stats_limits"))
+
+    @staticmethod
+    @contextmanager
+    def _sorting(conn: sqlite3.Connection) -> Iterator[None]:
+        """For reads that sort a whole table (stats' GROUP BY over every job): their sorter
+        spills to temp files, not memory as the hot path's small transient tables do (about
+        50 bytes a job, held until the read ends)."""
+        conn.execute("PRAGMA temp_store = FILE")
+        try:
+            yield
+        finally:
+            conn.execute("PRAGMA temp_store = MEMORY")
 
 
 __all__ = ["SQLiteBackend", "path_from_url", "redact_url"]

@@ -18,7 +18,7 @@ from ...job import Job
 from ...pipelines import Batch, JobSpec, Pipeline
 from ..base import NewJob
 from ..flows import EXPIRE_BATCH, FlowStore
-from . import QUERIES, SQLiteBackend, _convert, _from_time, _job
+from . import QUERIES, SQLiteBackend, _convert, _from_time
 
 _TIMES = (
     "created_at",
@@ -39,7 +39,7 @@ class SQLiteFlows(FlowStore):
         return [_convert(r, _TIMES, _JSON) for r in self.backend._read(query, params)]
 
     def _jobs(self, query: str, params: dict[str, Any]) -> list[Job]:
-        return [_job(r) for r in self.backend._read(query, params)]
+        return self.backend._read_jobs(query, params)
 
     # -- pipelines ------------------------------------------------------------------------------
     def pipeline_start(

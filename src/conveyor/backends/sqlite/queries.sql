@@ -1,14 +1,17 @@
 -- Named queries of the SQLite backend (:name parameters). {now} stands for the database clock in
 -- seconds since the epoch, (julianday('now') - 2440587.5) * 86400.0, fixed within one statement.
--- Lists (queues, ids) are passed as JSON arrays and read with json_each.
+-- Lists (queues, ids) are passed as JSON arrays and read with json_each; the rows of a bulk insert
+-- or an outcome write as rows of bound parameters ({rows}, expanded by _rows_sql in __init__.py).
+-- {job_columns} stands for the job columns in Job field order (backends/base.py).
 
 -- name: db_now
 SELECT {now} AS now
 
 -- name: insert_jobs
--- :jobs is a JSON array with one object per job (NewJob's columns, args and kwargs as JSON text,
--- run_at in epoch seconds, plus state and reason), inserted in order in one statement. state is
--- decided from the job's dependencies: waiting, queued, or cancelled at once (reason).
+-- {rows} stands for one row of bound parameters per job: its place in the input, NewJob's columns
+-- (args and kwargs as JSON text, run_at in epoch seconds), state and reason; inserted in input
+-- order. state is decided from the job's dependencies: waiting, queued, or cancelled at once
+-- (reason).
 INSERT INTO conveyor_jobs (task, queue, args, kwargs, priority, created_at, run_at, max_attempts,
                            max_snoozes, deadline, timeout, unique_key, idempotency_key,
                            concurrency_key, concurrency_limit, state, finished_at, last_error,
@@ -24,29 +27,17 @@ SELECT j.task, j.queue, j.args, j.kwargs, j.priority, {now}, coalesce(j.run_at, 
             ELSE json_array(json_object('attempt', 0,
                                         'at', strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now'),
                                         'kind', 'dependency', 'message', j.reason)) END
-  FROM (SELECT e.key AS ord,
-               json_extract(e.value, '$.task') AS task,
-               json_extract(e.value, '$.queue') AS queue,
-               json_extract(e.value, '$.args') AS args,
-               json_extract(e.value, '$.kwargs') AS kwargs,
-               json_extract(e.value, '$.priority') AS priority,
-               json_extract(e.value, '$.run_at') AS run_at,
-               json_extract(e.value, '$.delay') AS delay,
-               json_extract(e.value, '$.max_attempts') AS max_attempts,
-               json_extract(e.value, '$.max_snoozes') AS max_snoozes,
-               json_extract(e.value, '$.deadline') AS deadline,
-               json_extract(e.value, '$.timeout') AS timeout,
-               json_extract(e.value, '$.unique_key') AS unique_key,
-               json_extract(e.value, '$.idempotency_key') AS idempotency_key,
-               json_extract(e.value, '$.concurrency_key') AS concurrency_key,
-               json_extract(e.value, '$.concurrency_limit') AS concurrency_limit,
-               json_extract(e.value, '$.state') AS state,
-               json_extract(e.value, '$.reason') AS reason
-          FROM json_each(:jobs) AS e) AS j
+  FROM (SELECT column1 AS ord, column2 AS task, column3 AS queue, column4 AS args,
+               column5 AS kwargs, column6 AS priority, column7 AS delay, column8 AS run_at,
+               column9 AS max_attempts, column10 AS max_snoozes, column11 AS deadline,
+               column12 AS timeout, column13 AS unique_key, column14 AS idempotency_key,
+               column15 AS concurrency_key, column16 AS concurrency_limit, column17 AS state,
+               column18 AS reason
+          FROM (VALUES {rows})) AS j
  WHERE true  -- (SQLite needs a WHERE before ON CONFLICT after a SELECT)
  ORDER BY j.ord
 ON CONFLICT DO NOTHING
-RETURNING *
+RETURNING {job_columns}
 
 -- name: take_write_lock
 -- A write that changes nothing but starts the write transaction (and takes SQLite's one writer
@@ -68,24 +59,36 @@ SELECT d.depends_on AS id, p.task, p.state, p.last_error
  ORDER BY d.depends_on
 
 -- name: find_duplicates
-SELECT * FROM conveyor_jobs
+SELECT {job_columns} FROM conveyor_jobs
  WHERE idempotency_key IN (SELECT value FROM json_each(:idempotency_keys))
     OR (unique_key IN (SELECT value FROM json_each(:unique_keys))
         AND state IN ('waiting', 'queued', 'running', 'retrying'))
 
--- name: limited_queues
-SELECT name FROM conveyor_queues
- WHERE name IN (SELECT value FROM json_each(:queues)) AND concurrency_limit IS NOT NULL
-
--- name: keyed_due
+-- name: any_due
+-- Is any claimable job due in :queues? Index probes only: each queue's first due entry in the
+-- fetch indexes (keyed and not).
 SELECT EXISTS (SELECT 1 FROM conveyor_jobs
                 WHERE state IN ('queued', 'retrying') AND concurrency_key IS NOT NULL
+                  AND queue IN (SELECT value FROM json_each(:queues)) AND run_at <= {now})
+    OR EXISTS (SELECT 1 FROM conveyor_jobs
+                WHERE state IN ('queued', 'retrying') AND concurrency_key IS NULL
                   AND queue IN (SELECT value FROM json_each(:queues)) AND run_at <= {now}) AS due
 
--- name: queue_due
+-- name: claim_plan
+-- First in a claim's write transaction: which of :queues have a concurrency limit (a JSON array),
+-- and whether a job under a concurrency_key is due in any of them.
+SELECT (SELECT json_group_array(name) FROM conveyor_queues
+         WHERE name IN (SELECT value FROM json_each(:queues))
+           AND concurrency_limit IS NOT NULL) AS limited,
+       EXISTS (SELECT 1 FROM conveyor_jobs
+                WHERE state IN ('queued', 'retrying') AND concurrency_key IS NOT NULL
+                  AND queue IN (SELECT value FROM json_each(:queues)) AND run_at <= {now}) AS keyed
+
+-- name: queues_due
+-- Is a job under no concurrency_key due in one of :queues? (Index probes, as any_due.)
 SELECT EXISTS (SELECT 1 FROM conveyor_jobs
                 WHERE state IN ('queued', 'retrying') AND concurrency_key IS NULL
-                  AND queue = :queue AND run_at <= {now}) AS due
+                  AND queue IN (SELECT value FROM json_each(:queues)) AND run_at <= {now}) AS due
 
 -- name: choose_limited
 -- Jobs under a concurrency limit (a concurrency_key, or a queue with a limit) that may run now.
@@ -143,22 +146,53 @@ UPDATE conveyor_jobs
        lease_owner = :worker, lease_expires_at = {now} + :lease,
        finished_at = NULL, cancel_requested = 0
  WHERE id IN (SELECT value FROM json_each(:ids))
-RETURNING *
+RETURNING {job_columns}
+
+-- name: claim_queue
+-- choose and claim in one statement: the common claim, from one queue under no limit (and no
+-- job under a limit chosen). The SET is claim's.
+UPDATE conveyor_jobs
+   SET state = 'running', attempt = attempt + 1, attempted_at = {now},
+       started_at = coalesce(started_at, {now}), heartbeat_at = {now},
+       lease_owner = :worker, lease_expires_at = {now} + :lease,
+       finished_at = NULL, cancel_requested = 0
+ WHERE id IN (SELECT id FROM conveyor_jobs
+               WHERE state IN ('queued', 'retrying') AND concurrency_key IS NULL
+                 AND queue = :queue AND run_at <= {now}
+               ORDER BY priority DESC, run_at, id
+               LIMIT :limit)
+RETURNING {job_columns}
 
 -- name: finish
-UPDATE conveyor_jobs
-   SET state = :state,
-       run_at = CASE WHEN :state IN ('queued', 'retrying') THEN {now} + :delay ELSE run_at END,
-       finished_at = CASE WHEN :state IN ('succeeded', 'dead', 'cancelled')
-                          THEN max({now}, attempted_at) END,
-       attempt = attempt - :refund,
-       snoozes = snoozes + :snoozed,
-       result = :result,
-       last_error = coalesce(:error, last_error),
-       errors = CASE WHEN :error IS NULL THEN errors
-                     ELSE json_insert(errors, '$[#]', json(:error)) END,
+-- Outcomes of attempts, fenced: each applies only while its job is running under the same
+-- attempt and lease owner. {rows} stands for one row of bound parameters per outcome: (id,
+-- attempt, state, delay, result, error, refund, snoozed), result and error as JSON text, refund
+-- and snoozed 0 or 1; no job twice; rows of NULLs match nothing. The last parameter: the worker.
+UPDATE conveyor_jobs AS j
+   SET state = o.state,
+       run_at = CASE WHEN o.state IN ('queued', 'retrying') THEN {now} + o.delay ELSE j.run_at END,
+       finished_at = CASE WHEN o.state IN ('succeeded', 'dead', 'cancelled')
+                          THEN max({now}, j.attempted_at) END,
+       attempt = j.attempt - o.refund,
+       snoozes = j.snoozes + o.snoozed,
+       result = o.result,
+       last_error = coalesce(o.error, j.last_error),
+       errors = CASE WHEN o.error IS NULL THEN j.errors
+                     ELSE json_insert(j.errors, '$[#]', json(o.error)) END,
        lease_owner = NULL, lease_expires_at = NULL, cancel_requested = 0
- WHERE id = :id AND state = 'running' AND attempt = :attempt AND lease_owner = :worker
+  FROM (SELECT column1 AS id, column2 AS attempt, column3 AS state, column4 AS delay,
+               column5 AS result, column6 AS error, column7 AS refund, column8 AS snoozed
+          FROM (VALUES {rows})) AS o
+ WHERE j.id = o.id AND j.state = 'running' AND j.attempt = o.attempt AND j.lease_owner = ?
+RETURNING id
+
+-- name: finish_succeeded
+-- finish when every outcome is a plain success: {rows} of (id, attempt, result), then the worker.
+UPDATE conveyor_jobs AS j
+   SET state = 'succeeded', finished_at = max({now}, j.attempted_at), result = o.result,
+       lease_owner = NULL, lease_expires_at = NULL, cancel_requested = 0
+  FROM (SELECT column1 AS id, column2 AS attempt, column3 AS result FROM (VALUES {rows})) AS o
+ WHERE j.id = o.id AND j.state = 'running' AND j.attempt = o.attempt AND j.lease_owner = ?
 RETURNING id
 
 -- name: heartbeat
@@ -188,7 +222,7 @@ UPDATE conveyor_jobs AS j
        lease_owner = NULL, lease_expires_at = NULL, cancel_requested = 0
   FROM stuck s
  WHERE j.id = s.id
-RETURNING *
+RETURNING {job_columns}
 
 -- name: hand_back
 UPDATE conveyor_jobs
@@ -197,10 +231,13 @@ UPDATE conveyor_jobs
  WHERE id IN (SELECT value FROM json_each(:ids)) AND state = 'running' AND lease_owner = :worker
 
 -- name: get_job
-SELECT * FROM conveyor_jobs WHERE id = :id
+SELECT {job_columns} FROM conveyor_jobs WHERE id = :id
+
+-- name: job_state
+SELECT state FROM conveyor_jobs WHERE id = :id
 
 -- name: list_jobs
-SELECT * FROM conveyor_jobs
+SELECT {job_columns} FROM conveyor_jobs
  WHERE (:state IS NULL OR state = :state)
    AND (:queue IS NULL OR queue = :queue)
    AND (:task IS NULL OR task = :task)
@@ -217,12 +254,12 @@ UPDATE conveyor_jobs
                     'attempt', attempt, 'at', strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now'),
                     'kind', 'cancelled', 'message', :reason))
  WHERE id = :id AND state IN ('waiting', 'queued', 'retrying')
-RETURNING *
+RETURNING {job_columns}
 
 -- name: cancel_running
 UPDATE conveyor_jobs SET cancel_requested = 1
  WHERE id = :id AND state = 'running'
-RETURNING *
+RETURNING {job_columns}
 
 -- name: retry_job
 -- :state is queued, or waiting while one of the job's dependencies is unfinished.
@@ -231,7 +268,7 @@ UPDATE conveyor_jobs
        attempted_at = NULL, finished_at = NULL, heartbeat_at = NULL, result = NULL,
        cancel_requested = 0
  WHERE id = :id AND state IN ('dead', 'cancelled')
-RETURNING *
+RETURNING {job_columns}
 
 -- name: delete_job
 DELETE FROM conveyor_jobs WHERE id = :id AND state <> 'running' RETURNING id
@@ -330,7 +367,7 @@ SELECT p.*, CASE WHEN p.state = 'running' THEN j.started_at ELSE p.step_started_
  LIMIT :limit
 
 -- name: pipeline_jobs
-SELECT * FROM conveyor_jobs WHERE pipeline_id = :id ORDER BY id
+SELECT {job_columns} FROM conveyor_jobs WHERE pipeline_id = :id ORDER BY id
 
 -- name: cancel_pipeline
 UPDATE conveyor_pipelines
@@ -393,4 +430,4 @@ UPDATE conveyor_batches SET failed = :failed WHERE id = :id
 SELECT * FROM conveyor_batches WHERE id = :id
 
 -- name: batch_jobs
-SELECT * FROM conveyor_jobs WHERE batch_id = :id ORDER BY id
+SELECT {job_columns} FROM conveyor_jobs WHERE batch_id = :id ORDER BY id

@@ -1,5 +1,6 @@
 -- The current Conveyor schema for SQLite, as the migrations leave it (today: the
--- conveyor_migrations table that the migrator creates, plus migrations/0001_initial.sql). This file
+-- conveyor_migrations table that the migrator creates, plus migrations/0001_initial.sql, 0002 in
+-- its section below, and 0003, which changed two triggers of 0001 in place). This file
 -- documents the schema: Conveyor never runs it, the migrations build every database. Change the
 -- schema with a new migration and update this file to match (tests/contract/test_schema.py builds a
 -- database from each and compares their catalogs). Times are REAL seconds since the
@@ -156,9 +157,11 @@ CREATE TABLE conveyor_job_deps (
 CREATE INDEX conveyor_job_deps_depends_on ON conveyor_job_deps (depends_on);
 
 -- A job that succeeded releases each waiting dependent whose dependencies all succeeded (a
--- dependency that no longer exists was pruned after finishing, and blocks nothing).
+-- dependency that no longer exists was pruned after finishing, and blocks nothing). Since
+-- migrations/0003, the UPDATE runs only for a job that has dependents (most have none).
 CREATE TRIGGER conveyor_jobs_release_dependents AFTER UPDATE OF state ON conveyor_jobs
 FOR EACH ROW WHEN NEW.state = 'succeeded' AND OLD.state <> 'succeeded'
+    AND EXISTS (SELECT 1 FROM conveyor_job_deps WHERE depends_on = NEW.id)
 BEGIN
     UPDATE conveyor_jobs
        SET state = 'queued', run_at = max(run_at, ((julianday('now') - 2440587.5) * 86400.0))
@@ -172,8 +175,10 @@ END;
 -- itself cancelled by a dependency, passing on the job that failed). The dependents' own
 -- cancellation fires this trigger again: the backend turns on PRAGMA recursive_triggers, so the
 -- cancellation reaches every transitive dependent (up to SQLite's trigger depth, 1000 levels).
+-- Since migrations/0003, only for a job that has dependents.
 CREATE TRIGGER conveyor_jobs_cancel_dependents AFTER UPDATE OF state ON conveyor_jobs
 FOR EACH ROW WHEN NEW.state IN ('dead', 'cancelled') AND OLD.state NOT IN ('dead', 'cancelled')
+    AND EXISTS (SELECT 1 FROM conveyor_job_deps WHERE depends_on = NEW.id)
 BEGIN
     UPDATE conveyor_jobs
        SET state = 'cancelled', finished_at = ((julianday('now') - 2440587.5) * 86400.0),
@@ -406,3 +411,8 @@ BEGIN
            on_complete_job_id = CASE WHEN NEW.on_complete IS NOT NULL THEN last_insert_rowid() END
      WHERE id = NEW.id;
 END;
+
+-- ---- migrations/0003_hot_path.sql: conveyor_jobs_release_dependents and
+-- conveyor_jobs_cancel_dependents (above) only run their UPDATE for a job with dependents. 0003
+-- recreates the triggers of 0002 after them, unchanged, so that all fire in the same order (SQLite
+-- fires a table's triggers newest first), which is the order they are created in this file.
