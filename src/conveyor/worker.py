@@ -263,7 +263,13 @@ class Worker:
         claimed_any = True
         window_ends: float | None = None  # while waiting for more slots to free up
         while not self._stopping:
-            free = self.concurrency - len(self._attempts)
+            # A job holds its slot until its outcome is written, give or take a batch: when
+            # writes lag (the database is slow or failing), claiming stops instead of piling
+            # up outcomes in memory.
+            free = min(
+                self.concurrency - len(self._attempts),
+                self.concurrency + self.batch_size - len(self._attempts) - len(self._outbox),
+            )
             if free <= 0:
                 await self._wait_wake(self.poll_interval)
                 continue

@@ -396,6 +396,9 @@ class PostgresBackend(Backend):
     def job_finish_many(self, worker_id: str, outcomes: Sequence[Outcome]) -> set[int]:
         if not outcomes:
             return set()
+        # Rows are locked in the order given: in id order, as the heartbeat (id = ANY(...)) takes
+        # them, so the two cannot deadlock over the jobs whose outcomes are still unwritten.
+        outcomes = sorted(outcomes, key=lambda o: o.job_id)
         params: dict[str, Any]
         if all(o.state is JobState.SUCCEEDED for o in outcomes):
             params = {
