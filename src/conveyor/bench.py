@@ -70,6 +70,7 @@ class BenchSettings:
     jobs: int = 20_000
     processes: int = 1
     concurrency: int = 100
+    batch_size: int = 100
     poll_interval: float = 0.05
     latency_jobs: int = 200
     latency_rounds: int = 3
@@ -151,7 +152,7 @@ def _start_workers(
     env = {**os.environ, URL_ENV: url, "CONVEYOR_DATABASE_URL": url, LOG_ENV: log}
     cmd = [
         sys.executable, "-m", "conveyor", "worker", "--app", "conveyor.bench:app",
-        "--queues", QUEUE, "--concurrency", str(s.concurrency),
+        "--queues", QUEUE, "--concurrency", str(s.concurrency), "--batch-size", str(s.batch_size),
         "--poll-interval", str(s.poll_interval), "--log-level", "WARNING",
     ]  # fmt: skip
     return [subprocess.Popen(cmd, env=env) for _ in range(count)]

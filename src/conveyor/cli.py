@@ -701,6 +701,13 @@ def demo(database: str, n_jobs: int, concurrency: int) -> None:
 @click.option("--jobs", "-n", default=20_000, show_default=True, type=click.IntRange(1, 10_000_000))
 @click.option("--processes", "-p", default=1, show_default=True, type=click.IntRange(1, 64))
 @click.option("--concurrency", "-c", default=100, show_default=True, type=click.IntRange(1, 10_000))
+@click.option(
+    "--batch-size",
+    default=100,
+    show_default=True,
+    type=click.IntRange(1, 10_000),
+    help="The workers' --batch-size: most jobs per claim and outcomes per write.",
+)
 @click.option("--poll-interval", default=0.05, show_default=True, type=click.FloatRange(min=0.001))
 @click.option("--latency-jobs", default=200, show_default=True, type=click.IntRange(1, 100_000))
 @click.option("--latency-rounds", default=3, show_default=True, type=click.IntRange(1, 100))
@@ -710,6 +717,7 @@ def bench(
     jobs: int,
     processes: int,
     concurrency: int,
+    batch_size: int,
     poll_interval: float,
     latency_jobs: int,
     latency_rounds: int,
@@ -723,6 +731,7 @@ def bench(
         jobs=jobs,
         processes=processes,
         concurrency=concurrency,
+        batch_size=batch_size,
         poll_interval=poll_interval,
         latency_jobs=latency_jobs,
         latency_rounds=latency_rounds,

@@ -428,14 +428,14 @@ LANGUAGE plpgsql AS $fn$
 DECLARE
     _r record;
 BEGIN
-    SELECT array_agg(n.id ORDER BY n.id) AS ids,
-           array_agg(NULL::text ORDER BY n.id) AS from_states,
-           array_agg(n.state ORDER BY n.id) AS to_states,
-           array_agg(n.lease_owner ORDER BY n.id) AS workers,
-           array_agg(n.attempt ORDER BY n.id) AS attempts,
-           array_agg(n.last_error - 'traceback' ORDER BY n.id) AS errors,
+    SELECT array_agg(n.id) AS ids,
+           array_agg(NULL::text) AS from_states,
+           array_agg(n.state) AS to_states,
+           array_agg(n.lease_owner) AS workers,
+           array_agg(n.attempt) AS attempts,
+           array_agg(n.last_error - 'traceback') AS errors,
            array_agg(DISTINCT n.queue) FILTER (WHERE n.state = 'queued' AND n.run_at <= now()) AS due,
-           array_agg(n.id ORDER BY n.id) FILTER (WHERE n.state IN ('succeeded', 'dead', 'cancelled'))
+           array_agg(n.id) FILTER (WHERE n.state IN ('succeeded', 'dead', 'cancelled'))
                AS finished
       INTO _r
       FROM new_rows n;
@@ -456,7 +456,8 @@ $fn$;
 
 -- Moved jobs (state or attempt changed), in one pass over the statement's transitions: their
 -- history; idle workers woken for jobs due now; result waiters told which jobs finished; the
--- dependents of finished jobs released or cancelled. The worker is the lease owner involved: the
+-- dependents of finished jobs released or cancelled. (The aggregates of one pass see the rows in
+-- the same order, so the arrays line up without a sort each.) The worker is the lease owner involved: the
 -- new one on a claim, the old one when a running job leaves running. The attempt is the one that
 -- ended when leaving running, else the new one.
 CREATE FUNCTION conveyor_jobs_after_update() RETURNS trigger
@@ -464,23 +465,23 @@ LANGUAGE plpgsql AS $fn$
 DECLARE
     _r record;
 BEGIN
-    SELECT array_agg(n.id ORDER BY n.id) AS ids,
-           array_agg(o.state ORDER BY n.id) AS from_states,
-           array_agg(n.state ORDER BY n.id) AS to_states,
-           array_agg(coalesce(n.lease_owner, o.lease_owner) ORDER BY n.id) AS workers,
-           array_agg(CASE WHEN o.state = 'running' THEN o.attempt ELSE n.attempt END ORDER BY n.id)
+    SELECT array_agg(n.id) AS ids,
+           array_agg(o.state) AS from_states,
+           array_agg(n.state) AS to_states,
+           array_agg(coalesce(n.lease_owner, o.lease_owner)) AS workers,
+           array_agg(CASE WHEN o.state = 'running' THEN o.attempt ELSE n.attempt END)
                AS attempts,
            array_agg(CASE WHEN n.last_error IS DISTINCT FROM o.last_error
-                          THEN n.last_error - 'traceback' END ORDER BY n.id) AS errors,
+                          THEN n.last_error - 'traceback' END) AS errors,
            array_agg(DISTINCT n.queue) FILTER (WHERE n.state IN ('queued', 'retrying')
                                                  AND n.state <> o.state AND n.run_at <= now()) AS due,
-           array_agg(n.id ORDER BY n.id) FILTER (WHERE n.state = 'succeeded' AND o.state <> 'succeeded')
+           array_agg(n.id) FILTER (WHERE n.state = 'succeeded' AND o.state <> 'succeeded')
                AS succeeded,
-           array_agg(n.id ORDER BY n.id) FILTER (WHERE n.state IN ('dead', 'cancelled')
+           array_agg(n.id) FILTER (WHERE n.state IN ('dead', 'cancelled')
                                                    AND n.state <> o.state) AS failed,
            array_agg(CASE WHEN n.last_error->>'kind' = 'dependency' THEN n.last_error->>'message'
                           ELSE format('dependency job %s (%s) ended %s', n.id, n.task, n.state)
-                     END ORDER BY n.id) FILTER (WHERE n.state IN ('dead', 'cancelled')
+                     END) FILTER (WHERE n.state IN ('dead', 'cancelled')
                                                   AND n.state <> o.state) AS reasons
       INTO _r
       FROM new_rows n JOIN old_rows o ON o.id = n.id
