@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from . import serialization
+from ._gc import collector_paused
 from .backends.base import Backend, NewJob, QueueStats, open_backend
 from .backends.flows import FlowStore, batch_key, flow_store, pipeline_key
 from .backends.migrate import check_version
@@ -348,8 +349,10 @@ class Conveyor:
 
     def enqueue_many(self, requests: Iterable[EnqueueRequest], connection: Any = None) -> list[Job]:
         """Enqueue many jobs in one transaction and one round trip; one Job per request, in order."""
-        new_jobs = [self._new_job(r, i) for i, r in enumerate(requests)]
-        jobs = self._bind(self.backend.job_insert_many(new_jobs, connection=connection))
+        requests = requests if isinstance(requests, Sequence) else list(requests)
+        with collector_paused(len(requests)):
+            new_jobs = [self._new_job(r, i) for i, r in enumerate(requests)]
+            jobs = self._bind(self.backend.job_insert_many(new_jobs, connection=connection))
         self._wake_workers()
         return jobs
 
