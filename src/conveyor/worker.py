@@ -12,6 +12,7 @@ import contextvars
 import logging
 import os
 import socket
+import threading
 import time
 import traceback
 import uuid
@@ -23,7 +24,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import serialization, states
-from .backends.base import WorkerInfo
+from .backends.base import IdleClaim, WorkerInfo
 from .control import Cancel, JobContext, Snooze, _current
 from .errors import InvalidArgumentsError
 from .job import Job, JobState
@@ -68,6 +69,8 @@ class _Attempt:
 @dataclass
 class WorkerStats:
     claimed: int = 0
+    #: Of those, the jobs the backend's listener claimed for this worker while it was idle.
+    listener_claimed: int = 0
     outcomes: Counter[str] = field(default_factory=Counter)
     rejected: int = 0  # outcomes refused by fencing (the job was no longer ours)
     handed_back: int = 0
@@ -132,6 +135,12 @@ class Worker:
         self._stuck_calls = False  # a shutdown call timed out: its thread may still be blocked
         self._idle_delay = IDLE_POLL_MIN
         self._claim_min = max(1, min(concurrency, batch_size) // 4)
+        # The idle claim (backends.base.IdleClaim): while the fetch loop waits with free slots
+        # (_parked: how many), the backend's listener may claim for us; _claiming_away until
+        # those jobs are delivered to the loop. Shared with the listener's thread: under the lock.
+        self._idle_lock = threading.Lock()
+        self._parked = 0
+        self._claiming_away = False
         self._db_pool = ThreadPoolExecutor(4, thread_name_prefix="conveyor-db")
         self._task_pool = ThreadPoolExecutor(concurrency, thread_name_prefix="conveyor-task")
 
@@ -178,17 +187,27 @@ class Worker:
             services.append(
                 asyncio.create_task(self._every(self.vacuum_interval, self._vacuum_once))
             )
-        # Idle workers wake on a push where the backend has one (LISTEN/NOTIFY), else poll.
+        # Idle workers wake on a push where the backend has one (LISTEN/NOTIFY), else poll; the
+        # pushing listener also claims for them (IdleClaim).
+        idle_claim = IdleClaim(self._idle_claim_request, self._idle_claim_deliver)
         stop_push = (
             None
             if until_idle
             else await self._db(
-                backend.watch_due, self.queues, self._wake_threadsafe, self._wake_threadsafe
+                backend.watch_due,
+                self.queues,
+                self._wake_threadsafe,
+                self._wake_threadsafe,
+                idle_claim,
             )
         )
         self._pushed = stop_push is not None
         try:
             await self._fetch_loop(until_idle)
+            if stop_push is not None:  # no more idle claims; the last one's jobs run below
+                await self._quietly(stop_push)
+                stop_push = None
+                await self._claims_away_delivered(SHUTDOWN_CALL_TIMEOUT)
             await self._finish_running()
         finally:
             remove_wake()
@@ -210,6 +229,34 @@ class Worker:
 
     def _wake_threadsafe(self) -> None:
         self._loop.call_soon_threadsafe(self._wake.set)
+
+    # -- idle claims (the listener's thread claims for us: see backends.base.IdleClaim) ---------
+    def _idle_claim_request(self) -> tuple[str, int, float] | None:
+        with self._idle_lock:
+            if not self._parked or self._stopping:
+                return None
+            free, self._parked, self._claiming_away = self._parked, 0, True
+        return self.id, min(free, self.batch_size), self.lease
+
+    def _idle_claim_deliver(self, claimed: list[Job] | BaseException) -> None:
+        self._loop.call_soon_threadsafe(self._claimed_away, claimed)
+
+    def _claimed_away(self, claimed: list[Job] | BaseException) -> None:
+        if isinstance(claimed, BaseException):
+            logger.warning("worker %s: the listener's claim failed (%s)", self.id, claimed)
+        else:
+            self.stats.listener_claimed += len(claimed)
+            for job in claimed:
+                self._start(job)
+        with self._idle_lock:
+            self._claiming_away = False
+        self._wake.set()
+
+    async def _claims_away_delivered(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` s) until a claim the listener made for us was delivered."""
+        deadline = self._loop.time() + timeout
+        while self._claiming_away and (left := deadline - self._loop.time()) > 0:
+            await self._wait_wake(min(left, 0.1))
 
     async def _db(self, fn: Callable[..., T], *args: Any) -> T:
         return await self._loop.run_in_executor(self._db_pool, fn, *args)
@@ -307,7 +354,13 @@ class Worker:
                 continue
             if until_idle and not self._attempts and not self._outbox:
                 return
+            with self._idle_lock:  # let the listener claim for us while we wait
+                self._parked = free
             await self._wait_wake(self._idle_wait(claimed_any))
+            with self._idle_lock:
+                self._parked = 0
+            while self._claiming_away and not self._stopping:  # never two claims at once
+                await self._wait_wake(self.poll_interval)
             claimed_any = False
 
     def _start(self, job: Job) -> None:

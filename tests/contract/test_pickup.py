@@ -3,6 +3,8 @@ its poll interval (PostgreSQL: LISTEN/NOTIFY; SQLite: short idle polling with ba
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 
 import pytest
@@ -54,6 +56,73 @@ def test_idle_worker_picks_up_a_job_from_another_process_at_once(
         other.close()
 
 
+def test_the_listener_claims_for_an_idle_worker_within_its_concurrency(
+    app: Conveyor, db_url: str
+) -> None:
+    """PostgreSQL: the worker's listener claims jobs for it while it is idle (one hop less than
+    waking it), for its free slots only. One slot is held by a gate job; a burst of six jobs
+    arrives from another process: they run one at a time in the other slot, each exactly once,
+    and the listener claimed some. (SQLite has no listener: the worker claims everything.)"""
+    lock = threading.Lock()
+    running: list[str] = []
+    peak: list[int] = [0]
+    runs: list[str] = []
+    gate = threading.Event()
+
+    def enter(name: str) -> None:
+        with lock:
+            running.append(name)
+            runs.append(name)
+            peak[0] = max(peak[0], len(running))
+
+    def leave(name: str) -> None:
+        with lock:
+            running.remove(name)
+
+    # async tasks: nothing but the worker's slots limits how many run at once
+    @app.task(name="pickup.gate")
+    async def hold() -> None:
+        enter("gate")
+        await asyncio.to_thread(gate.wait, 10)
+        leave("gate")
+
+    @app.task(name="pickup.slow")
+    async def slow(n: int) -> None:
+        enter(f"slow{n}")
+        await asyncio.sleep(0.01)  # the workload: jobs that overlap if claimed together
+        leave(f"slow{n}")
+
+    other = Conveyor(db_url)
+    producer = other.task(name="pickup.slow")(lambda n: n)
+    burst = [producer.request(n) for n in range(6)]
+    try:
+        with running_worker(app, poll_interval=LONG_POLL, concurrency=2) as worker:
+            if not is_sqlite(db_url):
+                wait_until(lambda: worker.push_wakeups, timeout=5, what="the worker's listener")
+            held = other.enqueue_raw("pickup.gate")
+            wait_until(lambda: "gate" in running, timeout=10, what="the gate job to run")
+            # the worker waits for work again, one slot free (white box: the idle claim's offer)
+            wait_until(lambda: worker._parked == 1, timeout=10, what="the worker to go idle")
+            jobs = other.enqueue_many(burst)
+            wait_until(
+                lambda: all(app.get_job(j.id).state == JobState.SUCCEEDED for j in jobs),
+                timeout=10,
+                what="the burst, one at a time",
+            )
+            gate.set()
+            wait_until(lambda: app.get_job(held.id).state == JobState.SUCCEEDED, 10, "the gate")
+            listener_claimed = worker.stats.listener_claimed
+    finally:
+        gate.set()
+        other.close()
+    assert sorted(runs) == sorted(["gate", *(f"slow{n}" for n in range(6))])  # each once
+    assert peak[0] == 2
+    if is_sqlite(db_url):
+        assert listener_claimed == 0
+    else:
+        assert listener_claimed >= 1
+
+
 def test_listener_reconnects_after_its_connection_is_killed(app: Conveyor, db_url: str) -> None:
     if is_sqlite(db_url):
         pytest.skip("SQLite has no notifications to lose: idle workers poll")
@@ -67,7 +136,8 @@ def test_listener_reconnects_after_its_connection_is_killed(app: Conveyor, db_ur
                 killed = wait_until(
                     lambda: admin.execute(
                         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                        "WHERE application_name = 'conveyor-listener' AND query LIKE 'LISTEN conveyor_job_due%'"
+                        "WHERE application_name = 'conveyor-due-listener' "
+                        "AND query LIKE 'LISTEN conveyor_job_due%'"
                     ).fetchone()[0],
                     timeout=5,
                     what="the worker's listener connection",
@@ -77,7 +147,7 @@ def test_listener_reconnects_after_its_connection_is_killed(app: Conveyor, db_ur
                     lambda: (
                         admin.execute(
                             "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
-                            "'conveyor-listener' AND query LIKE 'LISTEN conveyor_job_due%'"
+                            "'conveyor-due-listener' AND query LIKE 'LISTEN conveyor_job_due%'"
                         ).fetchone()[0]
                         >= 1
                     ),

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from conveyor import Conveyor
-from conveyor.backends.postgres.listener import APPLICATION_NAME, DUE_CHANNEL
+from conveyor.backends.postgres.listener import DUE_APPLICATION_NAME
 from tests.integration.support import rows, wait_until, worker_args
 
 from . import apps
@@ -53,12 +53,13 @@ def _one(url: str, sql: str, params: tuple[Any, ...] = ()) -> Any:
 
 
 def _listeners_back(url: str) -> float | None:
-    """When the last worker listener came back (max backend_start), once all WORKERS LISTEN."""
+    """When the last worker listener came back (max backend_start), once all WORKERS LISTEN
+    (past their setup, SET ...: they ran LISTEN, then maybe claims for their worker)."""
     found = rows(
         url,
         "SELECT extract(epoch FROM backend_start)::float8 FROM pg_stat_activity"
-        " WHERE application_name = ? AND state = 'idle' AND query = ?",
-        (APPLICATION_NAME, f"LISTEN {DUE_CHANNEL}"),
+        " WHERE application_name = ? AND state = 'idle' AND query <> '' AND query NOT LIKE ?",
+        (DUE_APPLICATION_NAME, "SET %"),
     )
     return max(r[0] for r in found) if len(found) == WORKERS else None
 

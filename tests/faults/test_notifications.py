@@ -7,7 +7,7 @@ pickup latency = exec_log ``t_start`` - the job's ``created_at`` (database clock
 
 1. before: probes, pushed.
 2. the worker's LISTEN connection is killed (``pg_terminate_backend``; found by
-   application_name ``conveyor-listener`` *and* by the worker process's own TCP ports, since
+   application_name ``conveyor-due-listener`` *and* by the worker process's own TCP ports, since
    other tests' workers share the server): a probe enqueued at the kill still runs, a new
    listener backend of that worker appears and LISTENs (detection time = its backend_start -
    the kill), and the probes after it are pushed again.
@@ -34,7 +34,7 @@ from typing import Any
 import psycopg
 
 from conveyor import Conveyor, JobState
-from conveyor.backends.postgres.listener import APPLICATION_NAME, DUE_CHANNEL
+from conveyor.backends.postgres.listener import DUE_APPLICATION_NAME, DUE_CHANNEL
 from tests.integration.support import WorkerProcess, rows, wait_until, worker_args
 
 from . import apps
@@ -76,16 +76,17 @@ def listeners_of(admin: Any, worker: WorkerProcess) -> list[tuple[int, float, st
     found = admin.execute(
         "SELECT pid, client_port, extract(epoch FROM backend_start)::float8, state, query"
         " FROM pg_stat_activity WHERE application_name = %s AND datname = current_database()",
-        (APPLICATION_NAME,),
+        (DUE_APPLICATION_NAME,),
     ).fetchall()
     ports = tcp_ports(worker.pid)
     return [(r[0], r[2], r[3], r[4]) for r in found if r[1] in ports]
 
 
 def listening(admin: Any, worker: WorkerProcess, not_pid: int | None = None) -> Any:
-    """The worker's listener backend that LISTENs on the due channel (other than ``not_pid``)."""
+    """The worker's listener backend that LISTENs on the due channel (other than ``not_pid``):
+    past its setup (SET ...), it ran LISTEN, then maybe claims for the worker."""
     for pid, started, state, query in listeners_of(admin, worker):
-        if pid != not_pid and state == "idle" and query == f"LISTEN {DUE_CHANNEL}":
+        if pid != not_pid and state == "idle" and query and not query.startswith("SET "):
             return pid, started
     return None
 

@@ -24,11 +24,13 @@ from ..base import (
     NEW_JOB_COLUMNS,
     RESCUE_BATCH,
     Backend,
+    IdleClaim,
     NewJob,
     QueueStats,
     WorkerInfo,
     build_stats,
     event_from_row,
+    in_claim_order,
     job_columns,
     job_from_values,
     redact_url,
@@ -342,7 +344,10 @@ class PostgresBackend(Backend):
             found = {r["id"]: Dependency.from_row(r) for r in cur.fetchall()}
         return plan_dependencies(jobs, found)
 
-    def _claim(self, worker_id: str, queues: Sequence[str], limit: int, lease: float) -> list[Job]:
+    def _claim(
+        self, worker_id: str, queues: Sequence[str], limit: int, lease: float, conn: Any = None
+    ) -> list[Job]:
+        """The claim on a pooled connection, or on ``conn`` (a due listener's, see watch_due)."""
         jobs = self._claimed_unanswered(worker_id)
         if len(jobs) >= limit:
             return jobs
@@ -353,8 +358,11 @@ class PostgresBackend(Backend):
             "lease": lease,
         }
         try:
-            claimed = self._jobs("claim", params)
-        except DatabaseUnavailableError:
+            if conn is None:
+                claimed = self._jobs("claim", params)
+            else:
+                claimed = _job_rows(conn, "claim", params)
+        except (DatabaseUnavailableError, psycopg.OperationalError):
             # The claim may have committed with its answer lost (the server restarted, the
             # connection died): its jobs would be running under this worker unknown to it until
             # their leases expired. Look for them before the next claim.
@@ -490,9 +498,32 @@ class PostgresBackend(Backend):
         return finished_listener(self.url, on_finished, on_gap).start()
 
     def watch_due(
-        self, queues: Sequence[str], on_due: Callable[[], None], on_gap: Callable[[], None]
+        self,
+        queues: Sequence[str],
+        on_due: Callable[[], None],
+        on_gap: Callable[[], None],
+        idle_claim: IdleClaim | None = None,
     ) -> Callable[[], None] | None:
-        return due_listener(self.url, queues, on_due, on_gap).start()
+        claim_on = None if idle_claim is None else self._claimer(queues, idle_claim)
+        return due_listener(self.url, queues, on_due, on_gap, claim_on, _configure).start()
+
+    def _claimer(self, queues: Sequence[str], idle_claim: IdleClaim) -> Callable[[Any], bool]:
+        """For the due listener: claim on its connection for an idle worker (True if it did)."""
+
+        def claim_on(conn: Any) -> bool:
+            asked = idle_claim.request()
+            if asked is None:
+                return False
+            worker_id, limit, lease = asked
+            try:
+                jobs = in_claim_order(self._claim(worker_id, queues, limit, lease, conn=conn))
+            except BaseException as exc:
+                idle_claim.deliver(exc)
+                raise
+            idle_claim.deliver(jobs)
+            return True
+
+        return claim_on
 
     # -- history and retention ------------------------------------------------------------------
     def job_events(self, job_id: int) -> list[JobEvent]:

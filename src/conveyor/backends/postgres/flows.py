@@ -113,7 +113,7 @@ class PostgresFlows(FlowStore):
     def watch_flows(
         self, on_changed: Callable[[Iterable[str]], None], on_gap: Callable[[], None]
     ) -> Callable[[], None] | None:
-        def on_notify(payload: str) -> None:
+        def on_notify(payload: str, conn: Any) -> None:
             keys = [k.strip() for k in payload.split(",") if k.strip()]
             if keys:
                 on_changed(keys)

@@ -20,8 +20,10 @@ logger = logging.getLogger("conveyor.listener")
 CHANNEL = "conveyor_job_state"
 #: Notified with a queue name when jobs in it become due now (inserted, retried, released).
 DUE_CHANNEL = "conveyor_job_due"
-#: The listener connection's name in pg_stat_activity.
+#: The listener connections' names in pg_stat_activity: result and flow waiters', and workers'
+#: (a worker's listener also claims for it: see backends.base.IdleClaim).
 APPLICATION_NAME = "conveyor-listener"
+DUE_APPLICATION_NAME = "conveyor-due-listener"
 #: How long ``start`` waits for the first LISTEN before returning (waiters poll meanwhile).
 START_TIMEOUT = 5.0
 _WAKE_EVERY = 0.1  # how often the thread checks whether it was stopped
@@ -60,20 +62,25 @@ def network_options(url: str) -> dict[str, Any]:
 
 
 class Listener:
-    """LISTEN on one channel in a thread with its own connection; ``on_notify(payload)`` for each
-    notification, ``on_gap()`` whenever notifications may have been missed."""
+    """LISTEN on one channel in a thread with its own connection; ``on_notify(payload, conn)`` for
+    each notification, ``on_gap()`` whenever notifications may have been missed. ``on_notify`` is
+    called between waits, so it may run statements on ``conn`` (which ``configure`` prepared)."""
 
     def __init__(
         self,
         url: str,
         channel: str,
-        on_notify: Callable[[str], None],
+        on_notify: Callable[[str, Any], None],
         on_gap: Callable[[], None],
+        configure: Callable[[Any], None] | None = None,
+        application_name: str = APPLICATION_NAME,
     ) -> None:
         self.url = url
         self.channel = channel
         self.on_notify = on_notify
         self.on_gap = on_gap
+        self.configure = configure
+        self.application_name = application_name
         self.listening = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="conveyor-listen", daemon=True)
@@ -98,9 +105,11 @@ class Listener:
                 with psycopg.connect(
                     self.url,
                     autocommit=True,
-                    application_name=APPLICATION_NAME,
+                    application_name=self.application_name,
                     **network_options(self.url),
                 ) as conn:
+                    if self.configure is not None:
+                        self.configure(conn)
                     conn.execute(f"LISTEN {self.channel}")
                     self.listening.set()
                     if not first:
@@ -116,14 +125,19 @@ class Listener:
                 backoff = min(backoff * 2, 5.0)
 
     def _receive(self, conn: Any) -> None:
+        import psycopg
+
         while not self._stop.is_set():
-            for notify in conn.notifies(timeout=_WAKE_EVERY):
+            # Out of notifies() before handling (it holds the connection), so that a handler may
+            # use the connection; what arrives meanwhile waits for the next notifies().
+            payloads = [n.payload for n in conn.notifies(timeout=_WAKE_EVERY, stop_after=1)]
+            for payload in payloads:
                 try:
-                    self.on_notify(notify.payload)
+                    self.on_notify(payload, conn)
+                except psycopg.OperationalError:
+                    raise  # the connection failed: reconnect (in _run)
                 except Exception:  # a subscriber's bug must not stop the listener
-                    logger.exception(
-                        "handling %s notification %r failed", self.channel, notify.payload
-                    )
+                    logger.exception("handling %s notification %r failed", self.channel, payload)
 
 
 def finished_listener(
@@ -131,7 +145,7 @@ def finished_listener(
 ) -> Listener:
     """Job ids reaching a terminal state (``conveyor_job_state``), for result waiters."""
 
-    def on_notify(payload: str) -> None:
+    def on_notify(payload: str, conn: Any) -> None:
         ids = parse_ids(payload)
         if ids:
             on_finished(ids)
@@ -140,14 +154,20 @@ def finished_listener(
 
 
 def due_listener(
-    url: str, queues: Iterable[str], on_due: Callable[[], None], on_gap: Callable[[], None]
+    url: str,
+    queues: Iterable[str],
+    on_due: Callable[[], None],
+    on_gap: Callable[[], None],
+    claim_on: Callable[[Any], bool] | None = None,
+    configure: Callable[[Any], None] | None = None,
 ) -> Listener:
     """Queues that just got due jobs (``conveyor_job_due``, payload: the queue name), for idle
-    workers: wakes them when one of ``queues`` is named."""
+    workers: when one of ``queues`` is named, ``claim_on(conn)`` may claim for the worker on the
+    listener's connection (True when it did), else the worker is woken with ``on_due()``."""
     wanted = frozenset(queues)
 
-    def on_notify(payload: str) -> None:
-        if payload in wanted:
+    def on_notify(payload: str, conn: Any) -> None:
+        if payload in wanted and not (claim_on is not None and claim_on(conn)):
             on_due()
 
-    return Listener(url, DUE_CHANNEL, on_notify, on_gap)
+    return Listener(url, DUE_CHANNEL, on_notify, on_gap, configure, DUE_APPLICATION_NAME)
