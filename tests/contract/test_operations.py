@@ -279,3 +279,29 @@ def test_delete_refuses_a_running_job(app: Conveyor) -> None:
     with pytest.raises(InvalidTransitionError, match="running"):
         app.delete_job(job.id)
     assert app.get_job(job.id) == claimed
+
+
+def test_enqueued_jobs_are_returned_as_stored(app: Conveyor) -> None:
+    """What enqueue_many returns is the job as the database stores it, whatever the options
+    (a bulk insert builds it from what was asked and what the database set)."""
+    from datetime import UTC, datetime, timedelta
+
+    work = _task(app)
+    gone = app.cancel_job(work.enqueue(1).id)  # a dependent of it is cancelled at once
+    work.enqueue(2)
+    running = claim_one(app)  # a dependent of it waits
+    later = datetime.now(UTC) + timedelta(days=1)
+    requests = [
+        work.request(),
+        work.request(7),
+        work.options(priority=-3, delay=30, max_attempts=1, timeout=2).request(n=1),
+        work.options(run_at=later, deadline=60, max_snoozes=0).request(2),
+        work.options(queue="other", concurrency_key="k", concurrency_limit=3).request(3),
+        work.options(depends_on=[gone.id]).request(4),
+        work.options(depends_on=[running.id]).request(5),
+    ]
+    jobs = app.enqueue_many(requests)
+    assert [j.state for j in jobs[-2:]] == [JobState.CANCELLED, JobState.WAITING]
+    for job in jobs:
+        stored = app.get_job(job.id)
+        assert stored == job and repr(stored) == repr(job)  # 60.0 is not 60

@@ -32,6 +32,7 @@ from ..base import (
     event_from_row,
     in_claim_order,
     job_columns,
+    job_from_insert,
     job_from_values,
     redact_url,
 )
@@ -64,6 +65,11 @@ _MIGRATION_LOCK = 7262100439
 #: Session advisory locks of maintenance tasks (one process at a time runs each).
 _MAINTENANCE_LOCKS = {"prune": 7262100440}
 QUERIES = {name: job_columns(sql) for name, sql in sqlfile.load(__name__).items()}
+_CONFLICT = "ON CONFLICT DO NOTHING\nRETURNING " + ", ".join(JOB_COLUMNS)
+assert QUERIES["insert_jobs"].endswith(_CONFLICT)
+QUERIES["insert_new_jobs"] = QUERIES["insert_jobs"].removesuffix(_CONFLICT) + (
+    "RETURNING id, created_at, run_at, state, finished_at, last_error, errors"
+)
 _ARGS, _KWARGS, _LAST_ERROR, _ERRORS, _RESULT = (
     JOB_COLUMNS.index(c) for c in ("args", "kwargs", "last_error", "errors", "result")
 )
@@ -143,6 +149,32 @@ def _job_rows(conn: Any, query: str, params: dict[str, Any] | None = None) -> li
         cur.adapters.register_loader("jsonb", TextBinaryLoader)
         cur.execute(QUERIES[query], params)
         return [_job(row) for row in cur.fetchall()]
+
+
+def _inserted(conn: Any, batch: Sequence[NewJob], cols: dict[str, str]) -> list[Job]:
+    """Insert ``batch`` (none skipped: no job has a key) and return its Jobs, built from what
+    was asked and the few columns the database set, in id order, which is the input order."""
+    with conn.cursor(binary=True, row_factory=tuple_row) as cur:
+        cur.adapters.register_loader("jsonb", TextBinaryLoader)
+        cur.execute(QUERIES["insert_new_jobs"], cols)
+        rows = sorted(cur.fetchall())
+    return [
+        job_from_insert(
+            new,
+            load_text(new.args),
+            load_text(new.kwargs),
+            job_id,
+            created_at,
+            run_at,
+            state,
+            finished_at,
+            _json(last_error),
+            [] if errors == "\x01[]" else _json(errors),
+        )
+        for new, (job_id, created_at, run_at, state, finished_at, last_error, errors) in zip(
+            batch, rows, strict=True
+        )
+    ]
 
 
 def _alive(conn: Any) -> bool:
@@ -316,7 +348,9 @@ class PostgresBackend(Backend):
             states = [initial.get(id(j), NO_DEPENDENCIES) for j in batch]
             cols["state"] = _text_array(state for state, _ in states)
             cols["reason"] = _text_array(reason for _, reason in states)
-            return _job_rows(conn, "insert_jobs", cols)
+            if any(j.unique_key or j.idempotency_key for j in batch):
+                return _job_rows(conn, "insert_jobs", cols)  # some may be skipped: read them
+            return _inserted(conn, batch, cols)
 
         def find(idem: list[str], uniq: list[str]) -> list[Job]:
             params = {"idempotency_keys": idem, "unique_keys": uniq}

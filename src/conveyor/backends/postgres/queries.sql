@@ -5,6 +5,8 @@ SELECT now() AS now
 
 -- name: insert_jobs
 -- state is decided from each job's dependencies: waiting, queued, or cancelled at once (reason).
+-- (insert_new_jobs, made from this one in __init__.py, is the same insert without ON CONFLICT,
+-- returning only what the database set: for jobs without keys, which no conflict can skip.)
 INSERT INTO conveyor_jobs (task, queue, args, kwargs, priority, run_at, max_attempts, max_snoozes,
                            deadline, timeout, unique_key, idempotency_key, concurrency_key,
                            concurrency_limit, state, finished_at, last_error, errors)
