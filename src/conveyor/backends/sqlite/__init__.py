@@ -72,8 +72,9 @@ _TIME_COLUMNS = [
 _JSON_COLUMNS = ("args", "kwargs", "last_error", "errors", "result", "queues", "error")
 #: Positions in a job row (``{job_columns}``) of its times and of its JSON columns.
 _JOB_TIMES = tuple(i for i, name in enumerate(JOB_COLUMNS) if name in _TIME_COLUMNS)
-_ARGS, _KWARGS, _LAST_ERROR, _ERRORS, _RESULT = (
-    JOB_COLUMNS.index(c) for c in ("args", "kwargs", "last_error", "errors", "result")
+_ARGS, _KWARGS, _LAST_ERROR, _ERRORS, _RESULT, _DEADLINE, _TIMEOUT = (
+    JOB_COLUMNS.index(c)
+    for c in ("args", "kwargs", "last_error", "errors", "result", "deadline", "timeout")
 )
 #: How long a write keeps retrying SQLITE_BUSY before giving up with a clear error.
 BUSY_RETRY_SECONDS = 60.0
@@ -163,6 +164,9 @@ def _jobs(rows: Iterable[Sequence[Any]]) -> list[Job]:
             values[_LAST_ERROR] = _load(values[_LAST_ERROR])
         if values[_RESULT] is not None:
             values[_RESULT] = _load(values[_RESULT])
+        for i in (_DEADLINE, _TIMEOUT):  # seconds, always a float (SQLite may keep an int)
+            if values[i] is not None:
+                values[i] = float(values[i])
         jobs.append(job_from_values(values))
     return jobs
 
