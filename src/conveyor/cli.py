@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import importlib
 import json
 import logging
@@ -226,6 +227,7 @@ def worker(
         batch_size=batch_size,
     )
     app.backend  # noqa: B018 - fail fast, before the loop starts, on a bad URL or schema
+    _tune_collector()
     with asyncio.Runner(loop_factory=_loop_factory(loop_kind)) as runner:
         runner.run(_run_until_signalled(w))
     logging.shutdown()
@@ -234,6 +236,17 @@ def worker(
     os._exit(
         0
     )  # sync tasks abandoned at shutdown may still hold threads; their jobs are handed back
+
+
+def _tune_collector() -> None:
+    """For this worker process only (never for a Worker embedded in an application): what it
+    loaded and built to start (modules, the app) is frozen out of the cycle collector's passes,
+    and a pass comes after 10,000 new objects rather than 700. Every claimed job makes a few
+    dozen objects, so the collector ran every few jobs over everything alive: a fifth of a
+    short job's CPU. Nothing a job leaves in a reference cycle is missed, only found later."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 20)
 
 
 def _loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
