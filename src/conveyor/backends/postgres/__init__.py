@@ -161,8 +161,8 @@ def _inserted(conn: Any, batch: Sequence[NewJob], cols: dict[str, str]) -> list[
     return [
         job_from_insert(
             new,
-            load_text(new.args),
-            load_text(new.kwargs),
+            [] if new.args == "[]" else load_text(new.args),
+            {} if new.kwargs == "{}" else load_text(new.kwargs),
             job_id,
             created_at,
             run_at,
