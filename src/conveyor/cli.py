@@ -713,10 +713,17 @@ def demo(database: str, n_jobs: int, concurrency: int) -> None:
               help="Where to run: a fresh schema (PostgreSQL) or file beside it (SQLite) is used and removed.")  # fmt: skip
 @click.option("--jobs", "-n", default=20_000, show_default=True, type=click.IntRange(1, 10_000_000))
 @click.option("--processes", "-p", default=1, show_default=True, type=click.IntRange(1, 64))
-@click.option("--concurrency", "-c", default=100, show_default=True, type=click.IntRange(1, 10_000))
+@click.option(
+    "--concurrency",
+    "-c",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(1, 10_000),
+    help="Each worker's slots (no-op jobs: enough for two claims in flight).",
+)
 @click.option(
     "--batch-size",
-    default=100,
+    default=500,
     show_default=True,
     type=click.IntRange(1, 10_000),
     help="The workers' --batch-size: most jobs per claim and outcomes per write.",
