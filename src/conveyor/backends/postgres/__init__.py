@@ -341,10 +341,8 @@ class PostgresBackend(Backend):
         initial = self._initial_states(conn, jobs)
 
         def insert(batch: Sequence[NewJob]) -> list[Job]:
-            cols = {
-                name: encode(getattr(j, name) for j in batch)
-                for name, encode in _NEW_JOB_ARRAYS.items()
-            }
+            columns = dict(zip(NewJob._fields, zip(*batch, strict=True), strict=True))
+            cols = {name: encode(columns[name]) for name, encode in _NEW_JOB_ARRAYS.items()}
             states = [initial.get(id(j), NO_DEPENDENCIES) for j in batch]
             cols["state"] = _text_array(state for state, _ in states)
             cols["reason"] = _text_array(reason for _, reason in states)
