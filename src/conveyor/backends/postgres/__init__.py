@@ -103,7 +103,9 @@ def _float_array(values: Iterable[float | None]) -> str:
 
 
 def _quoted(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if '"' in text or "\\" in text:
+        text = text.replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + text + '"'
 
 
 def _text_array(values: Iterable[str | None]) -> str:
