@@ -113,8 +113,6 @@ CREATE TABLE conveyor_workers (
 -- jobs than were chosen keeps the limits.
 -- The claimed jobs are re-read in claim order only when both paths chose more than _limit. The
 -- statements keep one generic plan per session (planning them again at every call cost 0.3 ms).
--- The claim commits without waiting for its WAL flush: a claim lost in a server crash leaves its
--- jobs queued, as if their worker had died, and the worker's outcome for it is fenced out.
 CREATE FUNCTION conveyor_claim(_worker text, _queues text[], _limit integer, _lease double precision)
 RETURNS SETOF conveyor_jobs
 LANGUAGE plpgsql VOLATILE SET plan_cache_mode = force_generic_plan AS $fn$
@@ -123,7 +121,6 @@ DECLARE
     _unlimited text[];
     _ids bigint[] := '{}';
 BEGIN
-    PERFORM set_config('synchronous_commit', 'off', true);
     SELECT coalesce(array_agg(name), '{}') INTO _limited
       FROM conveyor_queues WHERE name = ANY(_queues) AND concurrency_limit IS NOT NULL;
     SELECT coalesce(array_agg(q), '{}') INTO _unlimited

@@ -4,9 +4,6 @@
 -- (limited and unlimited) chose jobs and there are more than _limit of them; otherwise the ids
 -- chosen are exactly the ones to claim. Its statements keep one generic plan per session: left
 -- to choose, PostgreSQL planned them again at every call (0.3 ms, most of claiming one job).
--- The claim commits without waiting for its WAL flush: a claim lost in a server crash leaves its
--- jobs queued, as if their worker had died, and a worker's outcome for a lost claim is fenced
--- out (the job is no longer running under it), so no job is lost or finished twice.
 CREATE OR REPLACE FUNCTION conveyor_claim(_worker text, _queues text[], _limit integer,
                                           _lease double precision)
 RETURNS SETOF conveyor_jobs
@@ -16,7 +13,6 @@ DECLARE
     _unlimited text[];
     _ids bigint[] := '{}';
 BEGIN
-    PERFORM set_config('synchronous_commit', 'off', true);
     SELECT coalesce(array_agg(name), '{}') INTO _limited
       FROM conveyor_queues WHERE name = ANY(_queues) AND concurrency_limit IS NOT NULL;
     SELECT coalesce(array_agg(q), '{}') INTO _unlimited
