@@ -4,6 +4,7 @@ the worker, the attempt, the error and the database clock's time; ``conveyor job
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 import pytest
@@ -177,6 +178,52 @@ def test_deleting_jobs_keeps_the_history_of_jobs_recorded_with_them(
     assert raw.scalar("SELECT count(*) FROM conveyor_job_events") == 0
     if not is_sqlite(app.url):  # and no record is left behind without a job
         assert raw.scalar("SELECT count(*) FROM conveyor_history") == 0
+
+
+def test_jobs_recorded_together_deleted_at_once_leave_no_history(app: Conveyor) -> None:
+    """Two transactions delete two of three jobs recorded together, the second waiting for the
+    first: neither deleted job keeps any history (the second must not write back the first's),
+    the third keeps all of its own."""
+    jobs = app.backend.job_insert_many([NewJob(task="h.t", queue="t") for _ in range(3)])
+    first = RawDB(app)
+    try:
+        first.execute("BEGIN")
+        first.execute("DELETE FROM conveyor_jobs WHERE id = %s", (jobs[0].id,))
+        done = threading.Event()
+
+        def delete_second() -> None:
+            second = RawDB(app)  # its own connection, in its own thread
+            try:
+                second.execute("BEGIN")
+                second.execute("DELETE FROM conveyor_jobs WHERE id = %s", (jobs[1].id,))  # waits
+                second.execute("COMMIT")
+                done.set()
+            finally:
+                second.close()
+
+        waiter = threading.Thread(target=delete_second)
+        waiter.start()
+        assert not done.wait(0.3)  # the workload: it is blocked behind the first delete
+        first.execute("COMMIT")
+        waiter.join(timeout=10)
+        assert done.is_set()
+    finally:
+        first.close()
+    assert app.backend.job_events(jobs[0].id) == []
+    assert app.backend.job_events(jobs[1].id) == []
+    assert _rows(app.backend.job_events(jobs[2].id)) == [(None, Q, None, 0, None)]
+
+
+def test_events_without_an_error_have_none(app: Conveyor, raw: RawDB) -> None:
+    """In a batch where one outcome has an error, the others' events have no error (SQL NULL)."""
+    app.backend.job_insert_many([NewJob(task="h.t", queue="t", max_attempts=1) for _ in range(3)])
+    claimed = app.backend.job_fetch_available("w", ["t"], 3, 30)
+    now = app.backend.db_now()
+    outcomes = [succeed(claimed[0], "1"), succeed(claimed[1], "1")]
+    outcomes.append(fail(claimed[2], "error", "broken", now, Backoff(base=0)))
+    app.backend.job_finish_many("w", outcomes)
+    assert raw.scalar("SELECT count(*) FROM conveyor_job_events WHERE error IS NOT NULL") == 1
+    assert raw.scalar("SELECT count(*) FROM conveyor_job_events WHERE error IS NULL") == 3 + 3 + 2
 
 
 def test_changes_made_with_plain_sql_are_recorded_too(app: Conveyor, raw: RawDB) -> None:

@@ -226,15 +226,10 @@ SELECT name, concurrency_limit FROM conveyor_queues
 
 -- name: job_events
 -- The view conveyor_job_events, for one job: its history records found through the GIN index.
-SELECT h.id * 1024 + e.n - 1 AS id, e.job_id, h.at,
-       conveyor_history_entry(h.from_states, e.n) AS from_state,
-       conveyor_history_entry(h.to_states, e.n) AS to_state,
-       conveyor_history_entry(h.workers, e.n) AS worker,
-       e.attempt, h.errors -> (e.n::integer - 1) AS error
-  FROM conveyor_history h
- CROSS JOIN LATERAL unnest(h.job_ids, h.attempts) WITH ORDINALITY AS e(job_id, attempt, n)
+SELECT e.*
+  FROM conveyor_history h CROSS JOIN LATERAL conveyor_history_events(h) AS e
  WHERE h.job_ids @> ARRAY[%(id)s::bigint] AND e.job_id = %(id)s
- ORDER BY 1
+ ORDER BY e.id
 
 -- name: prune_jobs
 WITH doomed AS (

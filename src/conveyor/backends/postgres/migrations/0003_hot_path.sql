@@ -3,7 +3,8 @@
 -- Claim: as in version 1, but the claimed jobs are re-read in claim order only when both paths
 -- (limited and unlimited) chose jobs and there are more than _limit of them; otherwise the ids
 -- chosen are exactly the ones to claim. Its statements keep one generic plan per session: left
--- to choose, PostgreSQL planned them again at every call (0.3 ms, most of claiming one job).
+-- to choose, PostgreSQL planned them again at every call (0.3 ms, most of claiming one job);
+-- only the limited path's query, seldom run, is planned at each call.
 CREATE OR REPLACE FUNCTION conveyor_claim(_worker text, _queues text[], _limit integer,
                                           _lease double precision)
 RETURNS SETOF conveyor_jobs
@@ -26,18 +27,20 @@ BEGIN
                 WHERE state IN ('queued', 'retrying') AND queue = ANY(_limited) AND run_at <= now()))
     THEN
         PERFORM pg_advisory_xact_lock(7262100438);  -- 'conveyor claim' lock
-        _ids := ARRAY(
+        -- Planned at each call, with the values (EXECUTE): a generic plan of this query read
+        -- the whole jobs table, under the lock.
+        EXECUTE $q$SELECT ARRAY(
             WITH queue_room AS (
                 SELECT q.name, q.concurrency_limit - (
                            SELECT count(*) FROM conveyor_jobs r
                             WHERE r.state = 'running' AND r.queue = q.name) AS room
-                  FROM conveyor_queues q WHERE q.name = ANY(_limited)
+                  FROM conveyor_queues q WHERE q.name = ANY($2)
             ), candidates AS (
                 SELECT j.id, j.queue, j.concurrency_key, j.concurrency_limit, j.priority, j.run_at
                   FROM conveyor_jobs j
                  WHERE j.state IN ('queued', 'retrying') AND j.run_at <= now()
-                   AND j.queue = ANY(_queues)
-                   AND (j.concurrency_key IS NOT NULL OR j.queue = ANY(_limited))
+                   AND j.queue = ANY($1)
+                   AND (j.concurrency_key IS NOT NULL OR j.queue = ANY($2))
                    AND (j.concurrency_key IS NULL OR (
                            SELECT count(*) FROM conveyor_jobs r
                             WHERE r.state = 'running' AND r.concurrency_key = j.concurrency_key
@@ -45,7 +48,7 @@ BEGIN
                    AND NOT EXISTS (SELECT 1 FROM queue_room qr
                                     WHERE qr.name = j.queue AND qr.room <= 0)
                  ORDER BY j.priority DESC, j.run_at, j.id
-                 LIMIT _limit * 4
+                 LIMIT $3 * 4
                    FOR UPDATE OF j SKIP LOCKED
             ), key_ranked AS (
                 SELECT c.*,
@@ -66,7 +69,8 @@ BEGIN
               FROM ranked r LEFT JOIN queue_room qr ON qr.name = r.queue
              WHERE qr.name IS NULL OR r.qrank <= qr.room
              ORDER BY r.priority DESC, r.run_at, r.id
-             LIMIT _limit);
+             LIMIT $3)$q$
+           INTO _ids USING _queues, _limited, _limit;
     END IF;
 
     IF cardinality(_unlimited) > 0 THEN
@@ -111,7 +115,8 @@ $fn$;
 -- conveyor_job_events is now a view with the version 1 columns: one row per job and transition,
 -- its id the record's id * 1024 plus the job's position in it (ids keep their order, and never
 -- change). A deleted job's entries are blanked (NULL in every array); a record left without a
--- job is deleted.
+-- job is deleted. (The GIN index takes each key at once: with a pending list, the statement
+-- that filled it waited about 0.2 s to merge it.)
 CREATE TABLE conveyor_history (
     id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     at          timestamptz NOT NULL DEFAULT now(),
@@ -129,8 +134,6 @@ CREATE TABLE conveyor_history (
         AND cardinality(attempts) = cardinality(job_ids)
         AND (errors IS NULL OR jsonb_array_length(errors) = cardinality(job_ids)))
 );
-CREATE INDEX conveyor_history_jobs ON conveyor_history USING gin (job_ids);
-CREATE INDEX conveyor_history_at ON conveyor_history (at);
 
 INSERT INTO conveyor_history (at, job_ids, from_states, to_states, workers, attempts, errors)
 SELECT at, ARRAY[job_id], ARRAY[from_state], ARRAY[to_state], ARRAY[worker], ARRAY[attempt],
@@ -138,6 +141,8 @@ SELECT at, ARRAY[job_id], ARRAY[from_state], ARRAY[to_state], ARRAY[worker], ARR
   FROM conveyor_job_events
  ORDER BY id;
 DROP TABLE conveyor_job_events;
+CREATE INDEX conveyor_history_jobs ON conveyor_history USING gin (job_ids) WITH (fastupdate = off);
+CREATE INDEX conveyor_history_at ON conveyor_history (at);
 
 -- The n-th entry of a history array stored whole or as its one repeated entry.
 CREATE FUNCTION conveyor_history_entry(_values text[], _n bigint) RETURNS text
@@ -145,15 +150,22 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
     SELECT CASE WHEN cardinality(_values) = 1 THEN _values[1] ELSE _values[_n] END
 $fn$;
 
+-- The events of one history record: one row per job still recorded in it (version 1's columns).
+CREATE FUNCTION conveyor_history_events(_h conveyor_history)
+RETURNS TABLE (id bigint, job_id bigint, at timestamptz, from_state text, to_state text,
+               worker text, attempt integer, error jsonb)
+LANGUAGE sql STABLE PARALLEL SAFE AS $fn$
+    SELECT _h.id * 1024 + e.n - 1, e.job_id, _h.at, conveyor_history_entry(_h.from_states, e.n),
+           conveyor_history_entry(_h.to_states, e.n), conveyor_history_entry(_h.workers, e.n),
+           e.attempt, nullif(_h.errors -> (e.n::integer - 1), 'null'::jsonb)
+      FROM unnest(_h.job_ids, _h.attempts) WITH ORDINALITY AS e(job_id, attempt, n)
+     WHERE e.job_id IS NOT NULL
+$fn$;
+
+-- Every event, in version 1's shape. (One job's: see job_events in queries.sql, which finds its
+-- records through the GIN index; a filter on this view's job_id reads every record.)
 CREATE VIEW conveyor_job_events AS
-SELECT h.id * 1024 + e.n - 1 AS id, e.job_id, h.at,
-       conveyor_history_entry(h.from_states, e.n) AS from_state,
-       conveyor_history_entry(h.to_states, e.n) AS to_state,
-       conveyor_history_entry(h.workers, e.n) AS worker,
-       e.attempt, h.errors -> (e.n::integer - 1) AS error
-  FROM conveyor_history h
- CROSS JOIN LATERAL unnest(h.job_ids, h.attempts) WITH ORDINALITY AS e(job_id, attempt, n)
- WHERE e.job_id IS NOT NULL;
+SELECT e.* FROM conveyor_history h CROSS JOIN LATERAL conveyor_history_events(h) AS e;
 
 -- An array as history stores it: its one entry when all are the same. (No sub-select, so the
 -- function is inlined into its callers' cached plans; array equality counts NULLs as equal.)
@@ -186,39 +198,55 @@ BEGIN
 END
 $fn$;
 
--- Blank the history entries of deleted jobs; delete the records left without a job.
+-- Blank the history entries of deleted jobs; delete the records left without a job. Each record
+-- is found through the GIN index one job at a time (an overlap with many ids looks to the planner
+-- as if it matched most records, and it read them all), then locked and read again, so that the
+-- blanks of a concurrent forget of its other jobs, committed meanwhile, are kept.
 CREATE FUNCTION conveyor_history_forget(_ids bigint[]) RETURNS void
 LANGUAGE plpgsql AS $fn$
+DECLARE
+    _record bigint;
+    _h conveyor_history;
+    _kept bigint[];
 BEGIN
-    DELETE FROM conveyor_history h
-     WHERE h.job_ids && _ids
-       AND NOT EXISTS (SELECT 1 FROM unnest(h.job_ids) AS j WHERE j <> ALL(_ids));
-    UPDATE conveyor_history h
-       SET job_ids = k.job_ids, from_states = k.from_states, to_states = k.to_states,
-           workers = k.workers, attempts = k.attempts, errors = k.errors
-      FROM (SELECT x.id,
-                   array_agg(CASE WHEN e.gone THEN NULL ELSE e.job_id END ORDER BY e.n) AS job_ids,
-                   array_agg(CASE WHEN e.gone THEN NULL
-                                  ELSE conveyor_history_entry(x.from_states, e.n) END
-                             ORDER BY e.n) AS from_states,
-                   array_agg(CASE WHEN e.gone THEN NULL
-                                  ELSE conveyor_history_entry(x.to_states, e.n) END
-                             ORDER BY e.n) AS to_states,
-                   array_agg(CASE WHEN e.gone THEN NULL
-                                  ELSE conveyor_history_entry(x.workers, e.n) END
-                             ORDER BY e.n) AS workers,
-                   array_agg(CASE WHEN e.gone THEN NULL ELSE e.attempt END ORDER BY e.n) AS attempts,
-                   CASE WHEN x.errors IS NOT NULL THEN
-                       jsonb_agg(CASE WHEN e.gone THEN 'null'::jsonb
-                                      ELSE x.errors -> (e.n::integer - 1) END ORDER BY e.n)
-                   END AS errors
-              FROM conveyor_history x
-             CROSS JOIN LATERAL (
-                   SELECT u.*, u.job_id IS NULL OR u.job_id = ANY(_ids) AS gone
-                     FROM unnest(x.job_ids, x.attempts) WITH ORDINALITY AS u(job_id, attempt, n)) e
-             WHERE x.job_ids && _ids
-             GROUP BY x.id) k
-     WHERE h.id = k.id;
+    FOR _record IN
+        SELECT DISTINCT r.id
+          FROM unnest(_ids) AS d(id)
+         CROSS JOIN LATERAL (SELECT h.id FROM conveyor_history h
+                              WHERE h.job_ids @> ARRAY[d.id]) AS r
+         ORDER BY 1
+    LOOP
+        SELECT * INTO _h FROM conveyor_history WHERE id = _record FOR UPDATE;
+        CONTINUE WHEN NOT FOUND;  -- deleted meanwhile
+        SELECT array_agg(CASE WHEN d.id IS NULL THEN e.job_id END ORDER BY e.n) INTO _kept
+          FROM unnest(_h.job_ids) WITH ORDINALITY AS e(job_id, n)
+          LEFT JOIN (SELECT DISTINCT unnest(_ids)) AS d(id) ON d.id = e.job_id;
+        IF _kept = array_fill(NULL::bigint, ARRAY[cardinality(_kept)]) THEN
+            DELETE FROM conveyor_history WHERE id = _record;
+            CONTINUE;
+        END IF;
+        UPDATE conveyor_history
+           SET (job_ids, from_states, to_states, workers, attempts, errors) = (
+               SELECT _kept,
+                      array_agg(CASE WHEN _kept[e.n] IS NOT NULL
+                                     THEN conveyor_history_entry(_h.from_states, e.n) END
+                                ORDER BY e.n),
+                      array_agg(CASE WHEN _kept[e.n] IS NOT NULL
+                                     THEN conveyor_history_entry(_h.to_states, e.n) END
+                                ORDER BY e.n),
+                      array_agg(CASE WHEN _kept[e.n] IS NOT NULL
+                                     THEN conveyor_history_entry(_h.workers, e.n) END
+                                ORDER BY e.n),
+                      array_agg(CASE WHEN _kept[e.n] IS NOT NULL THEN _h.attempts[e.n] END
+                                ORDER BY e.n),
+                      CASE WHEN _h.errors IS NOT NULL THEN
+                          jsonb_agg(CASE WHEN _kept[e.n] IS NOT NULL
+                                         THEN _h.errors -> (e.n::integer - 1)
+                                         ELSE 'null'::jsonb END ORDER BY e.n)
+                      END
+                 FROM generate_series(1, cardinality(_kept)) AS e(n))
+         WHERE id = _record;
+    END LOOP;
 END
 $fn$;
 
