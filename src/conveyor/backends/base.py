@@ -141,9 +141,10 @@ def job_from_insert(
     last_error: dict[str, Any] | None,
     errors: list[Any],
 ) -> Job:
-    """The Job a plain insert of ``new`` made (no dedupe): what ``new`` set, with its ``args``
-    and ``kwargs`` decoded as stored, what the database set (the id, times, state and, for a
-    job cancelled at once by a failed dependency, its error), the rest as a new row has them.
+    """The Job a plain insert of ``new`` made (no dedupe): what ``new`` set, ``args`` and
+    ``kwargs`` as stored (read back: the database may normalize JSON), what the database set (the
+    id, times, state and, for a job cancelled at once by a failed dependency, its error), the
+    rest as a new row has them.
     Cheaper than reading the whole row back (most of a bulk enqueue's time, when it did);
     tests/contract/test_operations.py checks it is the job read back."""
     return job_from_values(

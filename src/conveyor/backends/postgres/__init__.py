@@ -68,7 +68,7 @@ QUERIES = {name: job_columns(sql) for name, sql in sqlfile.load(__name__).items(
 _CONFLICT = "ON CONFLICT DO NOTHING\nRETURNING " + ", ".join(JOB_COLUMNS)
 assert QUERIES["insert_jobs"].endswith(_CONFLICT)
 QUERIES["insert_new_jobs"] = QUERIES["insert_jobs"].removesuffix(_CONFLICT) + (
-    "RETURNING id, created_at, run_at, state, finished_at, last_error, errors"
+    "RETURNING id, args, kwargs, created_at, run_at, state, finished_at, last_error, errors"
 )
 _ARGS, _KWARGS, _LAST_ERROR, _ERRORS, _RESULT = (
     JOB_COLUMNS.index(c) for c in ("args", "kwargs", "last_error", "errors", "result")
@@ -155,7 +155,8 @@ def _job_rows(conn: Any, query: str, params: dict[str, Any] | None = None) -> li
 
 def _inserted(conn: Any, batch: Sequence[NewJob], cols: dict[str, str]) -> list[Job]:
     """Insert ``batch`` (none skipped: no job has a key) and return its Jobs, built from what
-    was asked and the few columns the database set, in id order, which is the input order."""
+    was asked and what the database set or normalized (jsonb orders keys and rewrites numbers:
+    the arguments as stored, which the task will get), in id order, which is the input order."""
     with conn.cursor(binary=True, row_factory=tuple_row) as cur:
         cur.adapters.register_loader("jsonb", TextBinaryLoader)
         cur.execute(QUERIES["insert_new_jobs"], cols)
@@ -163,8 +164,8 @@ def _inserted(conn: Any, batch: Sequence[NewJob], cols: dict[str, str]) -> list[
     return [
         job_from_insert(
             new,
-            [] if new.args == "[]" else load_text(new.args),
-            {} if new.kwargs == "{}" else load_text(new.kwargs),
+            [] if args == "\x01[]" else _json(args),
+            {} if kwargs == "\x01{}" else _json(kwargs),
             job_id,
             created_at,
             run_at,
@@ -173,9 +174,17 @@ def _inserted(conn: Any, batch: Sequence[NewJob], cols: dict[str, str]) -> list[
             _json(last_error),
             [] if errors == "\x01[]" else _json(errors),
         )
-        for new, (job_id, created_at, run_at, state, finished_at, last_error, errors) in zip(
-            batch, rows, strict=True
-        )
+        for new, (
+            job_id,
+            args,
+            kwargs,
+            created_at,
+            run_at,
+            state,
+            finished_at,
+            last_error,
+            errors,
+        ) in zip(batch, rows, strict=True)
     ]
 
 
