@@ -50,3 +50,21 @@ def test_a_worker_vacuums_in_the_background(app: Conveyor, raw: RawDB) -> None:
     options = {"vacuum_interval": 0.05, "vacuum_min_dead": 0, "poll_interval": 0.05}
     with running_worker(app, queues=["v"], **options):  # any dead row is enough
         wait_until(lambda: (raw.scalar(vacuums) or 0) > before, what="a background vacuum")
+
+
+def test_the_vacuum_skips_its_turn_while_another_holds_the_table(
+    app: Conveyor, raw: RawDB
+) -> None:
+    """Another session vacuuming the table (here: holding the lock a VACUUM takes): this one
+    does not wait for it, and says it did not vacuum."""
+    _churn(app, 20)
+    if is_sqlite(app.url):
+        assert Vacuum(app.backend, min_dead=0).run_once() is False
+        return
+    raw.execute("BEGIN")
+    raw.execute("LOCK TABLE conveyor_jobs IN SHARE UPDATE EXCLUSIVE MODE")
+    try:
+        assert Vacuum(app.backend, min_dead=0).run_once() is False
+    finally:
+        raw.execute("ROLLBACK")
+    assert Vacuum(app.backend, min_dead=0).run_once() is True

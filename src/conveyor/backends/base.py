@@ -424,8 +424,8 @@ class Backend(abc.ABC):
         else False. Atomic: of concurrent callers, at most one wins per interval."""
 
     def jobs_vacuum(self, min_dead: int) -> bool:
-        """Reclaim the jobs table's dead row versions when it holds at least ``min_dead`` of them;
-        True if it did. Every claim and every outcome leaves one behind on PostgreSQL (MVCC), and
+        """Reclaim the jobs table's dead row versions when it holds at least ``min_dead`` of them
+        (and a twentieth as many as live ones); True if it did. Every claim and every outcome leaves one behind on PostgreSQL (MVCC), and
         an entry in the claim index that each later claim steps over until VACUUM removes it.
         Never blocks claims or writes, and skips its turn while another process vacuums the
         table. The default, for stores that keep no dead versions (SQLite): False."""

@@ -6,8 +6,10 @@ claim steps over the entries of all the jobs claimed before it, so a long drain 
 goes. Autovacuum looks at a table at most once per ``autovacuum_naptime`` (a minute by default),
 far too seldom for a queue that works off tens of thousands of jobs a second. So every worker
 checks the server's count of dead rows every ``interval`` seconds and vacuums the table past
-``min_dead`` of them: VACUUM blocks no claim and no write, and a worker skips its turn while
-another process vacuums. On SQLite there is nothing to do.
+``min_dead`` of them (and a twentieth of the live rows: a VACUUM reads every index whole, so a
+table holding weeks of finished jobs is vacuumed less often): VACUUM blocks no claim and no
+write, and a worker skips its turn while another process vacuums. On SQLite there is nothing to
+do.
 """
 
 from __future__ import annotations

@@ -258,9 +258,11 @@ WITH doomed AS (
 SELECT coalesce(sum(events), 0)::bigint AS events FROM deleted
 
 -- name: jobs_dead_rows
--- The server's count of dead row versions in the jobs table (statistics, updated within a second).
-SELECT coalesce((SELECT n_dead_tup FROM pg_stat_user_tables
-                  WHERE relid = 'conveyor_jobs'::regclass), 0) AS n
+-- The server's counts of dead and live row versions in the jobs table (statistics, updated
+-- within a second or so).
+SELECT coalesce(s.n_dead_tup, 0) AS dead, coalesce(s.n_live_tup, 0) AS live
+  FROM (SELECT 1) AS one
+  LEFT JOIN pg_stat_user_tables s ON s.relid = 'conveyor_jobs'::regclass
 
 -- name: leader_claim
 INSERT INTO conveyor_leader (name, holder, started_at)
