@@ -239,7 +239,16 @@ class Worker:
         return self.id, min(free, self.batch_size), self.lease
 
     def _idle_claim_deliver(self, claimed: list[Job] | BaseException) -> None:
-        self._loop.call_soon_threadsafe(self._claimed_away, claimed)
+        try:
+            self._loop.call_soon_threadsafe(self._claimed_away, claimed)
+        except RuntimeError:  # the worker stopped before the claim came back (database stalled)
+            if isinstance(claimed, list) and claimed:
+                logger.warning(
+                    "worker %s: jobs %s were claimed for it after it stopped; they go back to "
+                    "the queue when their lease runs out",
+                    self.id,
+                    [j.id for j in claimed],
+                )
 
     def _claimed_away(self, claimed: list[Job] | BaseException) -> None:
         if isinstance(claimed, BaseException):

@@ -182,13 +182,6 @@ def job_from_insert(
     )
 
 
-def job_from_row(row: dict[str, Any], **extra: Any) -> Job:
-    """Build a :class:`Job` from a row (by column name) already converted to Python types."""
-    return job_from_values(
-        [row[name] for name in JOB_COLUMNS], **extra
-    )  # KeyError: a missing column
-
-
 def in_claim_order(jobs: list[Job]) -> list[Job]:
     """``jobs`` sorted as a claim returns them: highest priority, earliest run_at, lowest id."""
     jobs.sort(key=lambda j: (-j.priority, j.run_at, j.id))
@@ -276,9 +269,16 @@ class Backend(abc.ABC):
         job becomes running with attempt+1, attempted_at=now, lease_owner=worker_id and
         lease_expires_at=now+lease. Jobs whose concurrency_key has ``concurrency_limit`` running
         jobs, or whose queue has its concurrency limit running, are not claimed (fleet-wide)."""
+        return self._fetch(worker_id, queues, limit, lease)
+
+    def _fetch(
+        self, worker_id: str, queues: Sequence[str], limit: int, lease: float, **how: Any
+    ) -> list[Job]:
+        """``job_fetch_available``, passing ``how`` on to ``_claim`` (PostgreSQL: ``conn=``, the
+        connection to claim on)."""
         if limit <= 0 or not queues:
             return []
-        return in_claim_order(self._claim(worker_id, queues, limit, lease))
+        return in_claim_order(self._claim(worker_id, queues, limit, lease, **how))
 
     @abc.abstractmethod
     def _claim(self, worker_id: str, queues: Sequence[str], limit: int, lease: float) -> list[Job]:
@@ -387,8 +387,8 @@ class Backend(abc.ABC):
         ``on_gap()`` when notifications may have been missed; with ``idle_claim``, claim them
         for an idle worker instead (see :class:`IdleClaim`). A claim made this way is the claim
         of ``job_fetch_available``, with its fencing and ordering. Returns a function that stops
-        it (after any claim in progress was delivered), or None when the backend cannot push
-        across processes (SQLite), so workers poll."""
+        it, waiting a few seconds for a claim in progress to be delivered, or None when the
+        backend cannot push across processes (SQLite), so workers poll."""
         return None
 
     # -- history and retention ------------------------------------------------------------------

@@ -30,7 +30,6 @@ from ..base import (
     WorkerInfo,
     build_stats,
     event_from_row,
-    in_claim_order,
     job_columns,
     job_from_insert,
     job_from_values,
@@ -451,7 +450,7 @@ class PostgresBackend(Backend):
         # them, so the two cannot deadlock over the jobs whose outcomes are still unwritten.
         outcomes = sorted(outcomes, key=lambda o: o.job_id)
         params: dict[str, Any]
-        if all(o.state is JobState.SUCCEEDED for o in outcomes):
+        if all(o.plain_success for o in outcomes):
             params = {
                 "worker": worker_id,
                 "id": _int_array(o.job_id for o in outcomes),
@@ -559,7 +558,7 @@ class PostgresBackend(Backend):
                 return False
             worker_id, limit, lease = asked
             try:
-                jobs = in_claim_order(self._claim(worker_id, queues, limit, lease, conn=conn))
+                jobs = self._fetch(worker_id, queues, limit, lease, conn=conn)
             except BaseException as exc:
                 idle_claim.deliver(exc)
                 raise

@@ -241,10 +241,7 @@ def _finish_statements(
     ``finish_succeeded`` when every one is a plain success, as most are. Each takes as many
     outcomes as it can, padded with rows of NULLs to a power of two (one statement for a
     worker's batch of 100 successes)."""
-    if all(
-        o.state == JobState.SUCCEEDED and o.error is None and not o.refund_attempt and not o.snoozed
-        for o in outcomes
-    ):
+    if all(o.plain_success for o in outcomes):
         query, width = "finish_succeeded", _SUCCESS_WIDTH
         values: list[Any] = [v for o in outcomes for v in (o.job_id, o.attempt, o.result)]
     else:
