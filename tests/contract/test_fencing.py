@@ -11,7 +11,7 @@ from conveyor.backends.base import NewJob
 from conveyor.job import Job
 from conveyor.states import Backoff, Outcome, cancel, fail, snooze, succeed
 
-from .conftest import claim_one, past_lease
+from .conftest import WORKER, claim_one, past_lease
 
 NO_BACKOFF = Backoff(base=0, jitter=0)
 
@@ -136,3 +136,25 @@ def test_a_batch_applies_only_its_fenced_outcomes(app: Conveyor) -> None:
     assert app.get_job(lost.id).state == JobState.RUNNING
     assert app.get_job(lost.id).lease_owner == "B"
     assert app.get_job(kept.id).return_value == 1 and app.get_job(also_kept.id).return_value == 2
+
+
+def test_a_job_named_twice_in_one_batch_is_written_as_if_one_at_a_time(app: Conveyor) -> None:
+    """Outcomes apply in order: of two for the same attempt the first wins; a stale one (an
+    older attempt) before the current one does not stop the current one applying."""
+    app.backend.job_insert_many([NewJob(task="f.t", queue="q", max_attempts=3) for _ in range(2)])
+    both = app.backend.job_fetch_available(WORKER, ["q"], 2, 30)
+    same, renewed = sorted(both, key=lambda j: j.id)
+    now = app.backend.db_now()
+    # `renewed` fails its attempt 1 and is claimed again as attempt 2
+    app.backend.job_finish_many(WORKER, [fail(renewed, "error", "x", now, Backoff(base=0))])
+    (again,) = app.backend.job_fetch_available(WORKER, ["q"], 1, 30)
+    assert again.id == renewed.id and again.attempt == 2
+    outcomes = [
+        succeed(same, '"first"'),
+        succeed(renewed, '"stale"'),  # attempt 1: fenced out
+        succeed(same, '"second"'),
+        succeed(again, '"current"'),
+    ]
+    assert app.backend.job_finish_many(WORKER, outcomes) == {same.id, renewed.id}
+    assert app.get_job(same.id).return_value == "first"
+    assert app.get_job(renewed.id).return_value == "current"

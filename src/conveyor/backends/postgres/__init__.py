@@ -446,6 +446,24 @@ class PostgresBackend(Backend):
     def job_finish_many(self, worker_id: str, outcomes: Sequence[Outcome]) -> set[int]:
         if not outcomes:
             return set()
+        if len({o.job_id for o in outcomes}) < len(outcomes):
+            # A job named twice: one statement would apply either. In order, as written one
+            # at a time: the first outcome of each job, then the second, ...
+            applied: set[int] = set()
+            rounds: list[list[Outcome]] = []
+            seen: dict[int, int] = {}
+            for o in outcomes:
+                k = seen[o.job_id] = seen.get(o.job_id, -1) + 1
+                if k == len(rounds):
+                    rounds.append([])
+                rounds[k].append(o)
+            for batch in rounds:
+                applied |= self._finish(worker_id, batch)
+            return applied
+        return self._finish(worker_id, outcomes)
+
+    def _finish(self, worker_id: str, outcomes: Sequence[Outcome]) -> set[int]:
+        """One fenced statement for outcomes of distinct jobs."""
         # Rows are locked in the order given: in id order, as the heartbeat (id = ANY(...)) takes
         # them, so the two cannot deadlock over the jobs whose outcomes are still unwritten.
         outcomes = sorted(outcomes, key=lambda o: o.job_id)
