@@ -52,9 +52,7 @@ def test_a_worker_vacuums_in_the_background(app: Conveyor, raw: RawDB) -> None:
         wait_until(lambda: (raw.scalar(vacuums) or 0) > before, what="a background vacuum")
 
 
-def test_the_vacuum_skips_its_turn_while_another_holds_the_table(
-    app: Conveyor, raw: RawDB
-) -> None:
+def test_the_vacuum_skips_its_turn_while_another_holds_the_table(app: Conveyor, raw: RawDB) -> None:
     """Another session vacuuming the table (here: holding the lock a VACUUM takes): this one
     does not wait for it, and says it did not vacuum."""
     _churn(app, 20)
