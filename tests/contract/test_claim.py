@@ -6,11 +6,13 @@ from __future__ import annotations
 import threading
 from datetime import timedelta
 
+import pytest
+
 from conveyor import Conveyor, JobState
 from conveyor.backends.base import NewJob
 from conveyor.states import Backoff, fail, succeed
 
-from .conftest import claim_one
+from .conftest import RawDB, claim_one, is_sqlite
 
 
 def _insert(app: Conveyor, *jobs: NewJob) -> list[int]:
@@ -182,3 +184,25 @@ def test_concurrent_claimers_never_get_the_same_job(app: Conveyor) -> None:
     for job in stored:
         assert job.state == JobState.RUNNING and job.attempt == 1
         assert job.lease_owner == owner[job.id]
+
+
+def test_the_claim_never_reads_the_whole_jobs_table(app: Conveyor, raw: RawDB) -> None:
+    """PostgreSQL: the claim's statements keep one generic plan per session, made at their first
+    call with the table as it is then. Made on a small table, never analyzed (a fresh database,
+    a worker started before the first ANALYZE), the cheapest plan to update the chosen jobs read
+    the table sequentially, and kept doing so as the table grew. The claim forbids that."""
+    if is_sqlite(app.url):
+        pytest.skip("PostgreSQL's plan cache; SQLite plans every statement anew")
+    import psycopg
+
+    _insert(app, *(NewJob(task="t", queue="seq") for _ in range(300)))
+    claim = "SELECT id FROM conveyor_claim('w', ARRAY['seq'], 5, 30)"
+    seq_scans = (
+        "SELECT seq_scan FROM pg_stat_xact_user_tables WHERE relid = 'conveyor_jobs'::regclass"
+    )
+    with psycopg.connect(app.url, autocommit=True) as conn:
+        assert len(conn.execute(claim).fetchall()) == 5  # the plans are made here
+        _insert(app, *(NewJob(task="t", queue="seq") for _ in range(3000)))
+        with conn.transaction():
+            assert len(conn.execute(claim).fetchall()) == 5
+            assert conn.execute(seq_scans).fetchone() == (0,)

@@ -1,5 +1,5 @@
 -- The current Conveyor schema for PostgreSQL, as the migrations leave it (today: the
--- conveyor_migrations table that the migrator creates, plus migrations 0001 to 0003). This file
+-- conveyor_migrations table that the migrator creates, plus migrations 0001 to 0004). This file
 -- documents the schema: Conveyor never runs it, the migrations build every database. Change the
 -- schema with a new migration and update this file to match (tests/contract/test_schema.py builds a
 -- database from each and compares their catalogs). docs/state-machine.md documents
@@ -873,3 +873,7 @@ CREATE TRIGGER conveyor_pipelines_notify AFTER UPDATE ON conveyor_pipelines
     FOR EACH ROW EXECUTE FUNCTION conveyor_notify_flow('p');
 CREATE TRIGGER conveyor_batches_notify AFTER UPDATE ON conveyor_batches
     FOR EACH ROW EXECUTE FUNCTION conveyor_notify_flow('b');
+
+-- ---- migrations/0004_claim_plans.sql: the claim's cached plans never read the jobs table whole ----
+
+ALTER FUNCTION conveyor_claim(text, text[], integer, double precision) SET enable_seqscan = off;

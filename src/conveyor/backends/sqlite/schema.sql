@@ -1,11 +1,12 @@
 -- The current Conveyor schema for SQLite, as the migrations leave it (today: the
 -- conveyor_migrations table that the migrator creates, plus migrations/0001_initial.sql, 0002 in
--- its section below, and 0003, which changed two triggers of 0001 in place). This file
--- documents the schema: Conveyor never runs it, the migrations build every database. Change the
--- schema with a new migration and update this file to match (tests/contract/test_schema.py builds a
--- database from each and compares their catalogs). Times are REAL seconds since the
--- Unix epoch (UTC) from SQLite's clock, JSON is TEXT checked with json_valid, booleans are 0/1.
--- docs/state-machine.md documents the invariants the CHECK constraints enforce.
+-- its section below, 0003, which changed two triggers of 0001 in place, and 0004, which changes
+-- nothing on SQLite). This file documents the schema: Conveyor never runs it, the migrations
+-- build every database. Change the schema with a new migration and update this file to match
+-- (tests/contract/test_schema.py builds a database from each and compares their catalogs). Times
+-- are REAL seconds since the Unix epoch (UTC) from SQLite's clock, JSON is TEXT checked with
+-- json_valid, booleans are 0/1. docs/state-machine.md documents the invariants the CHECK
+-- constraints enforce.
 
 -- Applied migrations (created by the migrator, before the first migration runs).
 CREATE TABLE conveyor_migrations (
