@@ -375,23 +375,26 @@ class Conveyor:
             self._valid_names.add(check_task_name(request.task))
         opts = request.options
         limit = self.max_payload_bytes
-        return NewJob(
-            task=request.task,
-            queue=opts.queue or DEFAULT_QUEUE,
-            args=serialization.dumps(list(request.args), "args", limit),
-            kwargs=serialization.dumps(request.kwargs, "kwargs", limit),
-            priority=opts.priority or 0,
-            delay=opts.delay or 0.0,
-            run_at=opts.run_at,
-            max_attempts=opts.max_attempts or DEFAULT_MAX_ATTEMPTS,
-            max_snoozes=opts.max_snoozes,
-            deadline=opts.deadline,
-            timeout=opts.timeout,
-            unique_key=opts.unique_key,
-            idempotency_key=opts.idempotency_key,
-            concurrency_key=opts.concurrency_key,
-            concurrency_limit=opts.concurrency_limit or 1,
-            depends_on=opts.depends_on or (),
+        # positionally (NewJob's field order): a third of the cost of keywords, per job
+        return NewJob._make(
+            (
+                request.task,
+                opts.queue or DEFAULT_QUEUE,
+                serialization.dumps(request.args, "args", limit),  # a tuple: encoded as a list
+                serialization.dumps(request.kwargs, "kwargs", limit),
+                opts.priority or 0,
+                opts.delay or 0.0,
+                opts.run_at,
+                opts.max_attempts or DEFAULT_MAX_ATTEMPTS,
+                opts.max_snoozes,
+                opts.deadline,
+                opts.timeout,
+                opts.unique_key,
+                opts.idempotency_key,
+                opts.concurrency_key,
+                opts.concurrency_limit or 1,
+                opts.depends_on or (),
+            )
         )
 
     # -- operations -----------------------------------------------------------------------------

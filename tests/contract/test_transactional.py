@@ -12,6 +12,7 @@ import pytest
 
 from conveyor import ConfigurationError, Conveyor, InvalidArgumentsError
 from conveyor.backends.base import NewJob
+from conveyor.backends.postgres.bulk import COPY_MIN
 
 from .conftest import RawDB, job_exists
 
@@ -85,6 +86,23 @@ def test_rollback_leaves_neither_the_job_nor_the_callers_writes(
     later = ship.enqueue(4)
     assert app.get_job(later.id).args == [4]
     assert raw.count_jobs() == 2
+
+
+def test_a_large_batch_is_rolled_back_with_the_callers_transaction(
+    app: Conveyor, conn: Any, raw: RawDB
+) -> None:
+    """A batch large enough for PostgreSQL's COPY path (ids taken, then COPY) is still inside
+    the caller's transaction: rolled back with it, or committed with it."""
+    ship = _task(app)
+    size = COPY_MIN + 1
+    jobs = app.enqueue_many([ship.request(i) for i in range(size)], connection=conn)
+    assert len(jobs) == size and _in_transaction(conn)
+    conn.rollback()
+    assert raw.count_jobs() == 0
+    jobs = app.enqueue_many([ship.request(i) for i in range(size)], connection=conn)
+    conn.commit()
+    assert raw.count_jobs() == size
+    assert app.get_job(jobs[-1].id) == jobs[-1]
 
 
 def test_dedupe_inside_the_callers_transaction(app: Conveyor, conn: Any, raw: RawDB) -> None:

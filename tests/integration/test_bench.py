@@ -17,17 +17,18 @@ KEYS = {"backend", "jobs", "enqueue_per_s", "drain_per_s", "latency_p50_ms", "la
 
 
 def test_bench_command_prints_one_json_object(db_url: str) -> None:
+    """600 jobs: enough for the bulk enqueue's COPY path on PostgreSQL."""
     base = db_url.split("?")[0] if db_url.startswith("postgres") else db_url
     done = conveyor(
-        "bench", "--database", base, "--jobs", "300", "--processes", "2", "--concurrency", "20",
+        "bench", "--database", base, "--jobs", "600", "--processes", "2", "--concurrency", "20",
         "--latency-jobs", "10", "--latency-rounds", "1", "--json", timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads(done.stdout)
     assert set(result) >= KEYS
-    assert result["jobs"] == 300 and result["settings"]["processes"] == 2
+    assert result["jobs"] == 600 and result["settings"]["processes"] == 2
     assert result["executed_once"] is True
-    assert result["executions"] == result["expected_executions"] == 300 + 1 + 10
+    assert result["executions"] == result["expected_executions"] == 600 + 1 + 10
     assert result["drain_per_s"] > 0 and result["enqueue_per_s"] > 0
     assert 0 < result["latency_p50_ms"] <= result["latency_p99_ms"]
     assert len(result["drain_per_s_by_tenth"]) == 10

@@ -48,6 +48,7 @@ from ..dependencies import (
 )
 from ..migrate import POSTGRES_MIGRATIONS as MIGRATIONS
 from ..migrate import check_version
+from .bulk import copy_jobs, copyable
 from .listener import due_listener, finished_listener, network_options
 
 try:
@@ -342,12 +343,16 @@ class PostgresBackend(Backend):
             return self._insert_on(connection, jobs)
         with self._conn() as conn:
             if not any(j.depends_on or j.unique_key or j.idempotency_key for j in jobs):
-                # one INSERT statement, atomic on its own: no BEGIN and COMMIT round trips
+                # one INSERT (or COPY) statement, atomic on its own: no BEGIN and COMMIT
                 return self._insert_on(conn, jobs)
             with conn.transaction():  # dedupe lookups and dependencies: several statements
                 return self._insert_on(conn, jobs)
 
     def _insert_on(self, conn: Any, jobs: Sequence[NewJob]) -> list[Job]:
+        if not any(j.depends_on or j.unique_key or j.idempotency_key for j in jobs) and copyable(
+            jobs
+        ):
+            return copy_jobs(conn, jobs, QUERIES)
         initial = self._initial_states(conn, jobs)
 
         def insert(batch: Sequence[NewJob]) -> list[Job]:
