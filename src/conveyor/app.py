@@ -12,7 +12,7 @@ from typing import Any, Generic, NamedTuple, ParamSpec, TypeVar, overload
 
 from . import serialization
 from ._gc import collector_paused
-from .backends.base import Backend, NewJob, QueueStats, open_backend
+from .backends.base import Backend, LazyNewJobs, NewJob, QueueStats, open_backend
 from .backends.flows import FlowStore, batch_key, flow_store, pipeline_key
 from .backends.migrate import check_version
 from .errors import ConfigurationError, JobNotFoundError, UnknownTaskError
@@ -351,7 +351,11 @@ class Conveyor:
         """Enqueue many jobs in one transaction and one round trip; one Job per request, in order."""
         requests = requests if isinstance(requests, Sequence) else list(requests)
         with collector_paused(len(requests)):
-            new_jobs = [self._new_job(r, i) for i, r in enumerate(requests)]
+            new_jobs: Sequence[NewJob]
+            if connection is None:  # built as the backend reads them (see LazyNewJobs)
+                new_jobs = LazyNewJobs(requests, self._new_job)
+            else:  # all checked before anything is written in the caller's transaction
+                new_jobs = [self._new_job(r, i) for i, r in enumerate(requests)]
             jobs = self._bind(self.backend.job_insert_many(new_jobs, connection=connection))
         self._wake_workers()
         return jobs

@@ -9,13 +9,15 @@ from typing import Any
 
 import pytest
 
-from conveyor import Conveyor, JobState
+from conveyor import ConfigurationError, Conveyor, InvalidArgumentsError, JobState
 from conveyor.backends.base import NewJob
-from conveyor.backends.postgres.bulk import COPY_MIN
+from conveyor.backends.postgres.bulk import COPY_CHUNK, COPY_MIN
 
 from .conftest import RawDB, is_sqlite, together
 
 SIZE = COPY_MIN + 100
+#: Past the first chunk a COPY sends: jobs built and checked while the COPY runs.
+LATE = COPY_CHUNK + 50
 #: Text that COPY's format escapes, or that looks like its NULL, plus non-ASCII text.
 AWKWARD = ["back\\slash", "tab\there", "new\nline", "cr\rx", 'quote"', "\\N", "ünï©ødé €", ""]
 
@@ -128,3 +130,32 @@ def test_created_at_and_run_at_come_from_the_database_clock(app: Conveyor) -> No
     after = app.backend.db_now()
     assert all(before <= j.created_at == j.run_at <= after for j in jobs)
     assert all(j.created_at.utcoffset() == timedelta(0) for j in jobs)
+
+
+def test_a_bad_request_late_in_a_large_batch_writes_nothing(app: Conveyor, raw: RawDB) -> None:
+    """Jobs are built as a big batch is sent (PostgreSQL): a request that cannot be encoded,
+    far into the batch, still fails the whole batch before anything is stored."""
+    work = _task(app)
+    requests = [work.request(i) for i in range(LATE + 100)]
+    requests[LATE] = work.request({1, 2})  # a set is not JSON
+    with pytest.raises(InvalidArgumentsError, match="args"):
+        app.enqueue_many(requests)
+    assert raw.count_jobs() == 0
+    requests[LATE] = "not a request"  # type: ignore[call-overload]
+    with pytest.raises(ConfigurationError, match=f"item {LATE}"):
+        app.enqueue_many(requests)
+    assert raw.count_jobs() == 0
+    assert len(app.enqueue_many(requests[:SIZE])) == SIZE  # the app works on
+
+
+def test_a_large_batch_with_a_keyed_job_late_in_it_dedupes_it(app: Conveyor) -> None:
+    """A job that needs the INSERT path far into a big batch (a key, a delay) sends the whole
+    batch down that path, deduped as any batch is."""
+    work = _task(app)
+    first = work.options(unique_key="late").enqueue(-1)
+    requests = [work.request(i) for i in range(LATE + 100)]
+    requests[LATE] = work.options(unique_key="late").request(-2)
+    jobs = app.enqueue_many(requests)
+    assert jobs[LATE].id == first.id and jobs[LATE].deduplicated
+    assert len({j.id for j in jobs}) == LATE + 100
+    _assert_stored(app, [j for j in jobs if not j.deduplicated])

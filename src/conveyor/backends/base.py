@@ -10,11 +10,11 @@ from __future__ import annotations
 import abc
 import dataclasses
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, overload
 from urllib.parse import unquote, urlsplit
 
 from ..errors import ConfigurationError, InvalidTransitionError, JobNotFoundError
@@ -43,6 +43,46 @@ class NewJob(NamedTuple):
     concurrency_limit: int = 1
     #: Ids of jobs that must succeed first (see backends/dependencies.py).
     depends_on: tuple[int, ...] = ()
+
+
+class LazyNewJobs(Sequence[NewJob]):
+    """The NewJobs of an ``enqueue_many``, each built (validated and encoded) by ``build`` when
+    first read, in order, and kept. A backend that streams a big batch builds the next jobs
+    while the server writes the previous ones; reading a job may raise a bad request's error,
+    so a backend reads every job before it writes anything it cannot take back (``list(jobs)``
+    first, unless it can abandon what it sent, as PostgreSQL's COPY in autocommit can)."""
+
+    def __init__(self, requests: Sequence[Any], build: Callable[[Any, int], NewJob]) -> None:
+        self._requests = requests
+        self._build = build
+        self._built: list[NewJob] = []
+
+    def __len__(self) -> int:
+        return len(self._requests)
+
+    def _build_to(self, stop: int) -> None:
+        built, build, requests = self._built, self._build, self._requests
+        for i in range(len(built), min(stop, len(requests))):
+            built.append(build(requests[i], i))
+
+    @overload
+    def __getitem__(self, index: int) -> NewJob: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[NewJob]: ...
+
+    def __getitem__(self, index: int | slice) -> NewJob | list[NewJob]:
+        if isinstance(index, slice):
+            self._build_to(
+                len(self) if index.step not in (None, 1) else index.indices(len(self))[1]
+            )
+            return self._built[index]
+        self._build_to(len(self) if index < 0 else index + 1)
+        return self._built[index]
+
+    def __iter__(self) -> Iterator[NewJob]:
+        self._build_to(len(self))
+        return iter(self._built)
 
 
 #: NewJob fields that are columns of conveyor_jobs (depends_on is a table of its own).
@@ -426,10 +466,12 @@ class Backend(abc.ABC):
 
     def jobs_vacuum(self, min_dead: int) -> bool:
         """Reclaim the jobs table's dead row versions when it holds at least ``min_dead`` of them
-        (and a twentieth as many as live ones); True if it did. Every claim and every outcome leaves one behind on PostgreSQL (MVCC), and
-        an entry in the claim index that each later claim steps over until VACUUM removes it.
-        Never blocks claims or writes, and skips its turn while another process vacuums the
-        table. The default, for stores that keep no dead versions (SQLite): False."""
+        (and a twentieth as many as live ones); True if it did. Every claim and every outcome
+        leaves one behind on PostgreSQL (MVCC), and an entry in the claim index that each later
+        claim steps over until VACUUM removes it. Never blocks claims or writes, and skips its
+        turn while another process vacuums the table. It may do the other chores of the hot
+        path's storage as well (PostgreSQL: merge the history index's pending list). The
+        default, for stores that keep no dead versions (SQLite): False."""
         return False
 
     @abc.abstractmethod

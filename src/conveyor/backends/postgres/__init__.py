@@ -218,6 +218,7 @@ class PostgresBackend(Backend):
         self._last_claimed: dict[str, datetime] = {}
         self._unanswered: dict[str, datetime | None] = {}
         self._claims_lock = threading.Lock()
+        self._history_merge_refused = False  # see _merge_history_pending
         try:
             psycopg.conninfo.conninfo_to_dict(url)
         except psycopg.ProgrammingError as exc:
@@ -340,19 +341,25 @@ class PostgresBackend(Backend):
                     f"connection= must be a psycopg (3) Connection for a PostgreSQL app, "
                     f"not {type(connection).__name__}"
                 )
-            return self._insert_on(connection, jobs)
+            return self._insert_on(connection, list(jobs))
         with self._conn() as conn:
+            # A big batch of plain jobs: COPY, the jobs built as they are sent (autocommit: an
+            # abandoned COPY leaves nothing). None: not such a batch, nothing written.
+            copied = copy_jobs(conn, jobs, QUERIES)
+            if copied is not None:
+                return copied
+            jobs = list(jobs)  # built (and checked) before anything is written
             if not any(j.depends_on or j.unique_key or j.idempotency_key for j in jobs):
-                # one INSERT (or COPY) statement, atomic on its own: no BEGIN and COMMIT
+                # one INSERT statement, atomic on its own: no BEGIN and COMMIT round trips
                 return self._insert_on(conn, jobs)
             with conn.transaction():  # dedupe lookups and dependencies: several statements
                 return self._insert_on(conn, jobs)
 
     def _insert_on(self, conn: Any, jobs: Sequence[NewJob]) -> list[Job]:
-        if not any(j.depends_on or j.unique_key or j.idempotency_key for j in jobs) and copyable(
-            jobs
-        ):
-            return copy_jobs(conn, jobs, QUERIES)
+        if copyable(jobs):  # checked whole first: a COPY abandoned midway aborts a transaction
+            copied = copy_jobs(conn, jobs, QUERIES)
+            assert copied is not None
+            return copied
         initial = self._initial_states(conn, jobs)
 
         def insert(batch: Sequence[NewJob]) -> list[Job]:
@@ -617,6 +624,7 @@ class PostgresBackend(Backend):
 
     def jobs_vacuum(self, min_dead: int) -> bool:
         with self._conn() as conn:
+            self._merge_history_pending(conn)
             rows = conn.execute(QUERIES["jobs_dead_rows"]).fetchone()
             # past min_dead, and a twentieth of the live rows: a VACUUM reads every index whole
             if rows["dead"] < max(min_dead, rows["live"] // 20):
@@ -634,6 +642,18 @@ class PostgresBackend(Backend):
             finally:
                 conn.remove_notice_handler(on_notice)
             return not skipped
+
+    def _merge_history_pending(self, conn: Any) -> None:
+        """Merge the pending list of history's job index (migration 0004) into the index, so that
+        the statements adding history seldom find it full and merge it themselves (about 0.2 s
+        for a full list). Only the index's owner may: other roles leave it to (auto)vacuum."""
+        if self._history_merge_refused:
+            return
+        try:
+            conn.execute(QUERIES["merge_history_pending"])
+        except psycopg.errors.InsufficientPrivilege as exc:
+            self._history_merge_refused = True
+            logger.info("not merging the history index's pending list: %s", str(exc).strip())
 
     @contextmanager
     def maintenance_lock(self, name: str) -> Iterator[bool]:

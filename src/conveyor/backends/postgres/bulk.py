@@ -11,7 +11,7 @@ INSERT path, which reads what the database set back.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -56,16 +56,27 @@ def _stored_as_sent(text: str) -> bool:
     )
 
 
-def copyable(jobs: Sequence[NewJob]) -> bool:
-    """Whether COPY can insert ``jobs`` (none has a key or a dependency) and their Jobs can be
-    built without reading anything back: enough of them, none delayed (run_at = the
+def _copyable(jobs: Iterable[NewJob]) -> bool:
+    """Whether COPY can insert ``jobs`` and their Jobs can be built without reading anything
+    back: no key (which a conflict may skip), no dependency, none delayed (run_at = the
     database's now() + delay is the database's arithmetic), every argument stored as sent."""
-    return len(jobs) >= COPY_MIN and all(
-        (j.run_at is not None or not j.delay)
+    return all(
+        not (j.unique_key or j.idempotency_key or j.depends_on)
+        and (j.run_at is not None or not j.delay)
         and _stored_as_sent(j.args)
         and _stored_as_sent(j.kwargs)
         for j in jobs
     )
+
+
+def copyable(jobs: Sequence[NewJob]) -> bool:
+    """Whether :func:`copy_jobs` takes every one of ``jobs`` (a batch big enough, each
+    :func:`_copyable`)."""
+    return len(jobs) >= COPY_MIN and _copyable(jobs)
+
+
+class _NotCopyable(Exception):
+    """A job of the batch needs the INSERT path: the COPY is abandoned, nothing written."""
 
 
 def _line(job_id: int, job: NewJob, now: str) -> str:
@@ -95,12 +106,21 @@ def _job(job_id: int, job: NewJob, now: datetime) -> Job:
     )
 
 
-def copy_jobs(conn: Any, jobs: Sequence[NewJob], queries: dict[str, str]) -> list[Job]:
-    """Insert ``jobs`` (see :func:`copyable`) and return their Jobs in input order, with ids in
-    that order. Two statements, each atomic: the ids (with the database's now(), every row's
-    created_at), then the COPY, which writes all the rows or none."""
+def copy_jobs(conn: Any, jobs: Sequence[NewJob], queries: dict[str, str]) -> list[Job] | None:
+    """Insert ``jobs`` and return their Jobs in input order, with ids in that order; None,
+    having written nothing, when the batch is too small or a job needs the INSERT path.
+
+    Two statements, each atomic: the ids (with the database's now(), every row's created_at),
+    then the COPY, which writes all the rows or none. ``jobs`` may be built as they are read
+    (:class:`~conveyor.backends.base.LazyNewJobs`): each chunk is built, checked and sent while
+    the server writes the previous one, and a bad request's error (or a job that needs the
+    INSERT path) abandons the COPY. Abandoning a COPY inside a transaction aborts the
+    transaction: on a connection that is not in autocommit mode, pass jobs already checked
+    with :func:`copyable`."""
     from psycopg.rows import tuple_row  # here: the module imports without the postgres extra
 
+    if len(jobs) < COPY_MIN or not _copyable(jobs[:COPY_CHUNK]):
+        return None
     with conn.cursor(binary=True, row_factory=tuple_row) as cur:
         now, first, last, listed = cur.execute(
             queries["reserve_job_ids"], {"n": len(jobs)}
@@ -108,10 +128,16 @@ def copy_jobs(conn: Any, jobs: Sequence[NewJob], queries: dict[str, str]) -> lis
         ids: Sequence[int] = range(first, last + 1) if listed is None else listed
         now_text = now.isoformat()
         out: list[Job] = []
-        with cur.copy(queries["copy_jobs"]) as copy:
-            for start in range(0, len(jobs), COPY_CHUNK):
-                end = start + COPY_CHUNK
-                pairs = list(zip(ids[start:end], jobs[start:end], strict=True))
-                copy.write("".join([_line(i, j, now_text) for i, j in pairs]))
-                out.extend([_job(i, j, now) for i, j in pairs])
+        try:
+            with cur.copy(queries["copy_jobs"]) as copy:
+                for start in range(0, len(jobs), COPY_CHUNK):
+                    end = start + COPY_CHUNK
+                    chunk = jobs[start:end]
+                    if start and not _copyable(chunk):
+                        raise _NotCopyable
+                    pairs = list(zip(ids[start:end], chunk, strict=True))
+                    copy.write("".join([_line(i, j, now_text) for i, j in pairs]))
+                    out.extend([_job(i, j, now) for i, j in pairs])
+        except _NotCopyable:
+            return None  # the ids taken stay unused: a sequence has gaps anyway
     return out

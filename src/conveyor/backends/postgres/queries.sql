@@ -273,6 +273,11 @@ WITH doomed AS (
 )
 SELECT coalesce(sum(events), 0)::bigint AS events FROM deleted
 
+-- name: merge_history_pending
+-- The vacuum service's other chore: history's job index takes new keys into a pending list
+-- (migration 0004); merged here, every few seconds, instead of by the statement that fills it.
+SELECT gin_clean_pending_list('conveyor_history_jobs'::regclass) AS merged
+
 -- name: jobs_dead_rows
 -- The server's counts of dead and live row versions in the jobs table (statistics, updated
 -- within a second or so).

@@ -874,6 +874,8 @@ CREATE TRIGGER conveyor_pipelines_notify AFTER UPDATE ON conveyor_pipelines
 CREATE TRIGGER conveyor_batches_notify AFTER UPDATE ON conveyor_batches
     FOR EACH ROW EXECUTE FUNCTION conveyor_notify_flow('b');
 
--- ---- migrations/0004_claim_plans.sql: the claim's cached plans never read the jobs table whole ----
+-- ---- migrations/0004_claim_plans.sql: the claim's cached plans never read the jobs table whole;
+-- history's job index takes new keys into its pending list, merged by the workers' vacuum service ----
 
 ALTER FUNCTION conveyor_claim(text, text[], integer, double precision) SET enable_seqscan = off;
+ALTER INDEX conveyor_history_jobs SET (fastupdate = on);

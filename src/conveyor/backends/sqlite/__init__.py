@@ -449,6 +449,7 @@ class SQLiteBackend(Backend):
 
     # -- jobs -----------------------------------------------------------------------------------
     def job_insert_many(self, jobs: Sequence[NewJob], connection: Any = None) -> list[Job]:
+        jobs = list(jobs)  # built (and checked) before anything is written (see LazyNewJobs)
         if not jobs:
             return []
         if connection is not None:

@@ -1,4 +1,5 @@
 -- Conveyor schema version 4 (SQLite): nothing changes. PostgreSQL's version 4 pins the claim's
--- cached plans to indexes; SQLite plans every statement anew. (Both backends number their
+-- cached plans to indexes (SQLite plans every statement anew) and lets a GIN index of its history
+-- take keys into a pending list (SQLite has no GIN). (Both backends number their
 -- migrations the same.)
 SELECT 1;
