@@ -31,7 +31,7 @@ from .job import Job, JobState
 from .options import check_queue_name
 from .services.pruner import Pruner
 from .services.rescuer import Rescuer
-from .services.vacuum import DEFAULT_MIN_DEAD, Vacuum
+from .services.vacuum import DEFAULT_MIN_DEAD, IDLE_MIN_DEAD, Vacuum
 from .services.watchdog import Watchdog
 from .states import Outcome
 
@@ -626,7 +626,11 @@ class Worker:
         await self._db(Watchdog(self.app.backend).run_once)
 
     async def _vacuum_once(self) -> None:
-        await self._db(Vacuum(self.app.backend, self.vacuum_min_dead).run_once)
+        # Idle (waiting for work, nothing running): a lower bar, so that a burst's dead rows go
+        # before the next jobs' claims step over them.
+        idle = self._parked > 0 and not self._attempts
+        min_dead = min(self.vacuum_min_dead, IDLE_MIN_DEAD) if idle else self.vacuum_min_dead
+        await self._db(Vacuum(self.app.backend, min_dead).run_once)
 
     async def _prune_once(self) -> None:
         assert self.prune_interval is not None

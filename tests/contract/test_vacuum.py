@@ -9,7 +9,7 @@ import pytest
 
 from conveyor import Conveyor
 from conveyor.backends.base import NewJob
-from conveyor.services.vacuum import Vacuum
+from conveyor.services.vacuum import IDLE_MIN_DEAD, Vacuum
 from conveyor.states import succeed
 
 from .conftest import RawDB, is_sqlite, running_worker, wait_until
@@ -52,6 +52,26 @@ def test_a_worker_vacuums_in_the_background(app: Conveyor, raw: RawDB) -> None:
     options = {"vacuum_interval": 0.05, "vacuum_min_dead": 0, "poll_interval": 0.05}
     with running_worker(app, queues=["v"], **options):  # any dead row is enough
         wait_until(lambda: (raw.scalar(vacuums) or 0) > before, what="a background vacuum")
+
+
+def test_an_idle_worker_vacuums_a_bursts_dead_rows_sooner(app: Conveyor, raw: RawDB) -> None:
+    """Below the busy threshold, but past the idle one: a worker waiting for work vacuums."""
+    if is_sqlite(app.url):
+        pytest.skip("SQLite keeps no dead row versions")
+
+    @app.task(name="v.t", queue="v")
+    def noop() -> None: ...
+
+    burst = Conveyor(app.url)  # closed after: its server processes report their statistics
+    _churn(burst, IDLE_MIN_DEAD)  # two dead row versions each: past the idle threshold
+    burst.close()
+    dead = "SELECT n_dead_tup FROM pg_stat_user_tables WHERE relid = 'conveyor_jobs'::regclass"
+    wait_until(lambda: raw.scalar(dead) >= IDLE_MIN_DEAD, what="the dead rows in the statistics")
+    vacuums = "SELECT vacuum_count FROM pg_stat_user_tables WHERE relid = 'conveyor_jobs'::regclass"
+    before = raw.scalar(vacuums) or 0
+    options = {"vacuum_interval": 0.05, "vacuum_min_dead": 10**9, "poll_interval": 0.05}
+    with running_worker(app, queues=["v"], **options):
+        wait_until(lambda: (raw.scalar(vacuums) or 0) > before, what="an idle worker's vacuum")
 
 
 def test_the_vacuum_skips_its_turn_while_another_holds_the_table(app: Conveyor, raw: RawDB) -> None:
