@@ -874,8 +874,17 @@ CREATE TRIGGER conveyor_pipelines_notify AFTER UPDATE ON conveyor_pipelines
 CREATE TRIGGER conveyor_batches_notify AFTER UPDATE ON conveyor_batches
     FOR EACH ROW EXECUTE FUNCTION conveyor_notify_flow('b');
 
--- ---- migrations/0004_claim_plans.sql: the claim's cached plans never read the jobs table whole;
--- history's job index takes new keys into its pending list, merged by the workers' vacuum service ----
+-- ---- migrations/0004_plans_and_history.sql: the claim's cached plans never read the jobs table whole;
+-- history's job index takes new keys into its pending list, merged by the workers' vacuum service;
+-- history's arrays compressed with lz4 where the server has it ----
 
 ALTER FUNCTION conveyor_claim(text, text[], integer, double precision) SET enable_seqscan = off;
 ALTER INDEX conveyor_history_jobs SET (fastupdate = on);
+DO $$
+BEGIN
+    ALTER TABLE conveyor_history ALTER COLUMN job_ids SET COMPRESSION lz4,
+                                 ALTER COLUMN attempts SET COMPRESSION lz4;
+EXCEPTION WHEN feature_not_supported THEN
+    NULL;  -- a server built without lz4 keeps pglz
+END
+$$;

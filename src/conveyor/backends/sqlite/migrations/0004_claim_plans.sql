@@ -1,5 +1,0 @@
--- Conveyor schema version 4 (SQLite): nothing changes. PostgreSQL's version 4 pins the claim's
--- cached plans to indexes (SQLite plans every statement anew) and lets a GIN index of its history
--- take keys into a pending list (SQLite has no GIN). (Both backends number their
--- migrations the same.)
-SELECT 1;
