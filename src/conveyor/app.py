@@ -224,6 +224,8 @@ class Conveyor:
         self._lock = threading.Lock()
         self._wake_callbacks: list[Callable[[], None]] = []
         self._valid_names: set[str] = set()  # task names enqueued before: already checked
+        #: The last options an enqueue used, with the NewJob fields they give (see _new_job).
+        self._options_fields: tuple[Options | None, str, tuple[Any, ...]] = (None, "", ())
 
     # -- plumbing -------------------------------------------------------------------------------
     @property
@@ -379,13 +381,12 @@ class Conveyor:
             self._valid_names.add(check_task_name(request.task))
         opts = request.options
         limit = self.max_payload_bytes
-        # positionally (NewJob's field order): a third of the cost of keywords, per job
-        return NewJob._make(
-            (
-                request.task,
-                opts.queue or DEFAULT_QUEUE,
-                serialization.dumps(request.args, "args", limit),  # a tuple: encoded as a list
-                serialization.dumps(request.kwargs, "kwargs", limit),
+        cached = self._options_fields
+        if cached[0] is opts:  # requests of one enqueue_many mostly share their options
+            queue, rest = cached[1], cached[2]
+        else:
+            queue = opts.queue or DEFAULT_QUEUE
+            rest = (
                 opts.priority or 0,
                 opts.delay or 0.0,
                 opts.run_at,
@@ -398,6 +399,16 @@ class Conveyor:
                 opts.concurrency_key,
                 opts.concurrency_limit or 1,
                 opts.depends_on or (),
+            )
+            self._options_fields = (opts, queue, rest)
+        # positionally, in NewJob's field order: a third of the cost of keywords, per job
+        return NewJob._make(
+            (
+                request.task,
+                queue,
+                serialization.dumps(request.args, "args", limit),  # a tuple: encoded as a list
+                serialization.dumps(request.kwargs, "kwargs", limit),
+                *rest,
             )
         )
 

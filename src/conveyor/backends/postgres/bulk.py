@@ -79,31 +79,56 @@ class _NotCopyable(Exception):
     """A job of the batch needs the INSERT path: the COPY is abandoned, nothing written."""
 
 
-def _line(job_id: int, job: NewJob, now: str) -> str:
-    """One row of ``copy_jobs``, in its column order."""
-    run_at = now if job.run_at is None else job.run_at.isoformat()
-    return (
-        f"{job_id}\t{_field(job.queue)}\t{_field(job.task)}\t{_field(job.args)}\t"
-        f"{_field(job.kwargs)}\t{job.priority}\t{now}\t{run_at}\t{job.max_attempts}\t"
-        f"{_number(job.max_snoozes)}\t{_number(job.deadline)}\t{_number(job.timeout)}\t"
-        f"{_field(job.concurrency_key)}\t{job.concurrency_limit}\n"
-    )
+class _Rows:
+    """The COPY rows and the Jobs of one batch. Jobs enqueued together mostly share everything
+    but their arguments (one task, one set of options), so what they share is worked out once
+    per distinct task and options: the text of those columns, and the fields of the Job (copied,
+    then the id and the arguments filled in). A third of the client's cost of a bulk enqueue,
+    per job, when each row and each Job was built whole."""
 
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+        self.now_text = now.isoformat()
+        self._shared: dict[tuple[Any, ...], tuple[str, str, dict[str, Any]]] = {}
 
-def _job(job_id: int, job: NewJob, now: datetime) -> Job:
-    """The Job that row ``job_id`` of ``job`` is, as the INSERT path would read it back."""
-    return job_from_insert(
-        job,
-        [] if job.args == "[]" else load_text(job.args),
-        {} if job.kwargs == "{}" else load_text(job.kwargs),
-        job_id,
-        now,
-        now if job.run_at is None else job.run_at.astimezone(now.tzinfo),
-        "queued",
-        None,
-        None,
-        [],
-    )
+    def _of(self, job: NewJob) -> tuple[str, str, dict[str, Any]]:
+        """The columns before the arguments, those after, and the Job's fields, for ``job``'s
+        task and options."""
+        key = job[:2] + job[4:]  # all but args and kwargs
+        shared = self._shared.get(key)
+        if shared is None:
+            now, run_at = self.now, job.run_at
+            head = f"{_field(job.queue)}\t{_field(job.task)}\t"
+            tail = (
+                f"\t{job.priority}\t{self.now_text}\t"
+                f"{self.now_text if run_at is None else run_at.isoformat()}\t{job.max_attempts}\t"
+                f"{_number(job.max_snoozes)}\t{_number(job.deadline)}\t{_number(job.timeout)}\t"
+                f"{_field(job.concurrency_key)}\t{job.concurrency_limit}\n"
+            )
+            stored_run_at = now if run_at is None else run_at.astimezone(now.tzinfo)
+            fields = vars(
+                job_from_insert(job, [], {}, 0, now, stored_run_at, "queued", None, None, [])
+            )
+            shared = self._shared[key] = (head, tail, fields)
+        return shared
+
+    def add(self, job_id: int, job: NewJob, lines: list[str], jobs: list[Job]) -> None:
+        """Append ``job``'s COPY row (with id ``job_id``) to ``lines``, its Job to ``jobs``."""
+        head, tail, fields = self._of(job)
+        args, kwargs = job.args, job.kwargs
+        # JSON text holds no tab, newline or CR (the encoder escapes them): only backslashes
+        lines.append(
+            f"{job_id}\t{head}{args.replace(chr(92), chr(92) * 2) if chr(92) in args else args}"
+            f"\t{kwargs.replace(chr(92), chr(92) * 2) if chr(92) in kwargs else kwargs}{tail}"
+        )
+        values = fields.copy()
+        values["id"] = job_id
+        values["args"] = [] if args == "[]" else load_text(args)
+        values["kwargs"] = {} if kwargs == "{}" else load_text(kwargs)
+        values["errors"] = []
+        made = object.__new__(Job)
+        object.__setattr__(made, "__dict__", values)
+        jobs.append(made)
 
 
 def copy_jobs(conn: Any, jobs: Sequence[NewJob], queries: dict[str, str]) -> list[Job] | None:
@@ -126,7 +151,7 @@ def copy_jobs(conn: Any, jobs: Sequence[NewJob], queries: dict[str, str]) -> lis
             queries["reserve_job_ids"], {"n": len(jobs)}
         ).fetchone()
         ids: Sequence[int] = range(first, last + 1) if listed is None else listed
-        now_text = now.isoformat()
+        rows = _Rows(now)
         out: list[Job] = []
         try:
             with cur.copy(queries["copy_jobs"]) as copy:
@@ -135,9 +160,10 @@ def copy_jobs(conn: Any, jobs: Sequence[NewJob], queries: dict[str, str]) -> lis
                     chunk = jobs[start:end]
                     if start and not _copyable(chunk):
                         raise _NotCopyable
-                    pairs = list(zip(ids[start:end], chunk, strict=True))
-                    copy.write("".join([_line(i, j, now_text) for i, j in pairs]))
-                    out.extend([_job(i, j, now) for i, j in pairs])
+                    lines: list[str] = []
+                    for job_id, job in zip(ids[start:end], chunk, strict=True):
+                        rows.add(job_id, job, lines, out)
+                    copy.write("".join(lines))
         except _NotCopyable:
             return None  # the ids taken stay unused: a sequence has gaps anyway
     return out
