@@ -159,3 +159,52 @@ def test_a_large_batch_with_a_keyed_job_late_in_it_dedupes_it(app: Conveyor) -> 
     assert jobs[LATE].id == first.id and jobs[LATE].deduplicated
     assert len({j.id for j in jobs}) == LATE + 100
     _assert_stored(app, [j for j in jobs if not j.deduplicated])
+
+
+def test_run_at_in_the_repeated_hour_of_a_clock_change_is_kept(app: Conveyor) -> None:
+    """The two 01:30 of a day that turns the clocks back are equal datetimes (they differ in
+    ``fold`` only) an hour apart: jobs sharing everything else must not share a run_at."""
+    from zoneinfo import ZoneInfo
+
+    work = _task(app)
+    first = datetime(2030, 11, 3, 1, 30, tzinfo=ZoneInfo("America/New_York"))
+    second = first.replace(fold=1)
+    jobs = app.enqueue_many(
+        [work.options(run_at=second if i % 2 else first).request(i) for i in range(SIZE)]
+    )
+    _assert_stored(app, jobs)
+    assert jobs[1].run_at - jobs[0].run_at == timedelta(hours=1)
+
+
+def test_a_role_without_rights_on_the_id_sequence_enqueues_large_batches(
+    app: Conveyor, raw: RawDB
+) -> None:
+    """PostgreSQL: COPY takes ids from the jobs' sequence itself, which needs USAGE on it; a role
+    granted only the tables and functions enqueues big batches through INSERT instead."""
+    if is_sqlite(app.url):
+        pytest.skip("PostgreSQL roles")
+    import uuid
+    from urllib.parse import urlsplit, urlunsplit
+
+    role = f"conveyor_writer_{uuid.uuid4().hex[:8]}"
+    schema = raw.scalar("SELECT current_schema()")
+    raw.execute(f"CREATE ROLE {role} LOGIN")
+    try:
+        raw.execute(f"GRANT USAGE ON SCHEMA {schema} TO {role}")
+        raw.execute(
+            f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO {role}"
+        )
+        raw.execute(f"GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA {schema} TO {role}")
+        parts = urlsplit(app.url)
+        writer = Conveyor(
+            urlunsplit(parts._replace(netloc=parts.netloc.replace("postgres@", f"{role}@", 1)))
+        )
+        try:
+            _task(writer)
+            jobs = writer.enqueue_many([writer.tasks["bulk.work"].request(i) for i in range(SIZE)])
+            _assert_stored(app, jobs)
+        finally:
+            writer.close()
+    finally:
+        raw.execute(f"DROP OWNED BY {role}")
+        raw.execute(f"DROP ROLE {role}")

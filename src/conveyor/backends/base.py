@@ -73,9 +73,11 @@ class LazyNewJobs(Sequence[NewJob]):
 
     def __getitem__(self, index: int | slice) -> NewJob | list[NewJob]:
         if isinstance(index, slice):
-            self._build_to(
-                len(self) if index.step not in (None, 1) else index.indices(len(self))[1]
-            )
+            start, stop, step = index.indices(len(self))
+            if step == 1:  # the common case (a backend reading chunks)
+                self._build_to(stop)
+                return self._built[start:stop]
+            self._build_to(len(self))
             return self._built[index]
         self._build_to(len(self) if index < 0 else index + 1)
         return self._built[index]

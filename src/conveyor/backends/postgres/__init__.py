@@ -48,7 +48,7 @@ from ..dependencies import (
 )
 from ..migrate import POSTGRES_MIGRATIONS as MIGRATIONS
 from ..migrate import check_version
-from .bulk import copy_jobs, copyable
+from .bulk import COPY_MIN, copy_jobs, copyable
 from .listener import due_listener, finished_listener, network_options
 
 try:
@@ -219,6 +219,7 @@ class PostgresBackend(Backend):
         self._unanswered: dict[str, datetime | None] = {}
         self._claims_lock = threading.Lock()
         self._history_merge_refused = False  # see _merge_history_pending
+        self._copy_allowed: bool | None = None  # see _may_copy
         try:
             psycopg.conninfo.conninfo_to_dict(url)
         except psycopg.ProgrammingError as exc:
@@ -345,7 +346,7 @@ class PostgresBackend(Backend):
         with self._conn() as conn:
             # A big batch of plain jobs: COPY, the jobs built as they are sent (autocommit: an
             # abandoned COPY leaves nothing). None: not such a batch, nothing written.
-            copied = copy_jobs(conn, jobs, QUERIES)
+            copied = copy_jobs(conn, jobs, QUERIES) if self._may_copy(conn, jobs) else None
             if copied is not None:
                 return copied
             jobs = list(jobs)  # built (and checked) before anything is written
@@ -356,7 +357,8 @@ class PostgresBackend(Backend):
                 return self._insert_on(conn, jobs)
 
     def _insert_on(self, conn: Any, jobs: Sequence[NewJob]) -> list[Job]:
-        if copyable(jobs):  # checked whole first: a COPY abandoned midway aborts a transaction
+        # checked whole first: a COPY abandoned midway aborts a transaction
+        if copyable(jobs) and self._may_copy(conn, jobs):
             copied = copy_jobs(conn, jobs, QUERIES)
             assert copied is not None
             return copied
@@ -385,6 +387,16 @@ class PostgresBackend(Backend):
                     {"job_id": [e[0] for e in pairs], "depends_on": [e[1] for e in pairs]},
                 )
         return inserted
+
+    def _may_copy(self, conn: Any, jobs: Sequence[NewJob]) -> bool:
+        """Whether this role may enqueue ``jobs`` by COPY (bulk.py), which takes ids from the
+        jobs' sequence itself: asked once per backend, on the first batch big enough."""
+        if len(jobs) < COPY_MIN:
+            return False
+        if self._copy_allowed is None:
+            with conn.cursor(row_factory=tuple_row) as cur:  # maybe the caller's connection
+                self._copy_allowed = bool(cur.execute(QUERIES["may_reserve_job_ids"]).fetchone()[0])
+        return self._copy_allowed
 
     @staticmethod
     def _initial_states(conn: Any, jobs: Sequence[NewJob]) -> dict[int, tuple[str, str | None]]:

@@ -94,10 +94,13 @@ class _Rows:
     def _of(self, job: NewJob) -> tuple[str, str, dict[str, Any]]:
         """The columns before the arguments, those after, and the Job's fields, for ``job``'s
         task and options."""
-        key = job[:2] + job[4:]  # all but args and kwargs
+        # All but args and kwargs; run_at's offset too: the two 01:30 of a day that turns the
+        # clocks back are equal datetimes (they differ in fold alone), an hour apart.
+        run_at = job.run_at
+        key = (*job[:2], *job[4:], None if run_at is None else run_at.utcoffset())
         shared = self._shared.get(key)
         if shared is None:
-            now, run_at = self.now, job.run_at
+            now = self.now
             head = f"{_field(job.queue)}\t{_field(job.task)}\t"
             tail = (
                 f"\t{job.priority}\t{self.now_text}\t"

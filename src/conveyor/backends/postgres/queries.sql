@@ -43,6 +43,12 @@ SELECT now(), min(v) AS first, max(v) AS last,
   FROM (SELECT nextval((SELECT pg_get_serial_sequence('conveyor_jobs', 'id')::regclass)) AS v
           FROM generate_series(1, %(n)s)) AS taken
 
+-- name: may_reserve_job_ids
+-- Whether this role may take ids from the jobs' sequence (USAGE): one that may only write the
+-- tables enqueues through INSERT, which needs no right on the sequence.
+SELECT has_sequence_privilege((SELECT pg_get_serial_sequence('conveyor_jobs', 'id')), 'USAGE')
+       AS ok
+
 -- name: copy_jobs
 -- A bulk enqueue of plain jobs (bulk.py): the other columns take their defaults. (COPY writes
 -- the ids given, GENERATED ALWAYS or not.)
