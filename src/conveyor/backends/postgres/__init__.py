@@ -352,16 +352,21 @@ class PostgresBackend(Backend):
             jobs = list(jobs)  # built (and checked) before anything is written
             if not any(j.depends_on or j.unique_key or j.idempotency_key for j in jobs):
                 # one INSERT statement, atomic on its own: no BEGIN and COMMIT round trips
-                return self._insert_on(conn, jobs)
+                return self._insert_rows(conn, jobs)
             with conn.transaction():  # dedupe lookups and dependencies: several statements
-                return self._insert_on(conn, jobs)
+                return self._insert_rows(conn, jobs)
 
     def _insert_on(self, conn: Any, jobs: Sequence[NewJob]) -> list[Job]:
+        """Insert ``jobs`` (built already) on ``conn``, in whatever transaction it is in."""
         # checked whole first: a COPY abandoned midway aborts a transaction
         if copyable(jobs) and self._may_copy(conn, jobs):
             copied = copy_jobs(conn, jobs, QUERIES)
             assert copied is not None
             return copied
+        return self._insert_rows(conn, jobs)
+
+    def _insert_rows(self, conn: Any, jobs: Sequence[NewJob]) -> list[Job]:
+        """The INSERT path: dedupe by key, dependencies, the rows read back."""
         initial = self._initial_states(conn, jobs)
 
         def insert(batch: Sequence[NewJob]) -> list[Job]:
