@@ -627,7 +627,11 @@ class PostgresBackend(Backend):
         self, state: JobState, older_than: float, limit: int, now: datetime | None = None
     ) -> int:
         params = {"state": str(state), "age": float(older_than), "limit": limit, "now": now}
-        return self._execute("prune_jobs", params)
+        with self._conn() as conn:
+            # each deleted job's history is looked up through the GIN index, and every lookup
+            # reads the whole pending list: merge it once first
+            self._merge_history_pending(conn)
+            return int(conn.execute(QUERIES["prune_jobs"], params).rowcount)
 
     def event_prune(self, older_than: float, limit: int, now: datetime | None = None) -> int:
         params = {"age": float(older_than), "limit": limit, "now": now}

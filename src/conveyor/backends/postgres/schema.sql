@@ -874,11 +874,13 @@ CREATE TRIGGER conveyor_pipelines_notify AFTER UPDATE ON conveyor_pipelines
 CREATE TRIGGER conveyor_batches_notify AFTER UPDATE ON conveyor_batches
     FOR EACH ROW EXECUTE FUNCTION conveyor_notify_flow('b');
 
--- ---- migrations/0004_plans_and_history.sql: the claim's cached plans never read the jobs table whole;
+-- ---- migrations/0004_plans_and_history.sql: the claim's cached plans never read the jobs table whole,
+-- nor forgetting jobs their history table;
 -- history's job index takes new keys into its pending list, merged by the workers' vacuum service;
 -- history's arrays compressed with lz4 where the server has it ----
 
 ALTER FUNCTION conveyor_claim(text, text[], integer, double precision) SET enable_seqscan = off;
+ALTER FUNCTION conveyor_history_forget(bigint[]) SET enable_seqscan = off SET enable_indexscan = off;
 ALTER INDEX conveyor_history_jobs SET (fastupdate = on);
 DO $$
 BEGIN
