@@ -152,23 +152,28 @@ def job_columns(query: str) -> str:
     )
 
 
-def job_from_values(values: list[Any], **extra: Any) -> Job:
-    """Build a :class:`Job` from the values of a row in :data:`JOB_COLUMNS` order, already
-    converted to Python types (the list is changed in place).
+def job_from_fields(fields: dict[str, Any]) -> Job:
+    """The :class:`Job` whose ``__dict__`` is ``fields`` (every field, ``deduplicated`` too,
+    each of the Job's type; the dict itself is kept, not copied).
 
     On the hot path (every claimed and enqueued job), so it fills the frozen dataclass's
     ``__dict__`` directly instead of calling its ``__init__`` (one ``object.__setattr__`` per
-    field, about five times slower); tests/unit/test_job_rows.py checks the two agree.
-    """
+    field, about five times slower); tests/unit/test_job_rows.py checks the two agree."""
+    job = object.__new__(Job)
+    object.__setattr__(job, "__dict__", fields)
+    return job
+
+
+def job_from_values(values: list[Any], **extra: Any) -> Job:
+    """Build a :class:`Job` from the values of a row in :data:`JOB_COLUMNS` order, already
+    converted to Python types (the list is changed in place)."""
     values[_STATE_AT] = _STATES[values[_STATE_AT]]
     values[_CANCEL_AT] = bool(values[_CANCEL_AT])
     fields = dict(zip(_JOB_FIELDS, values, strict=True))
     fields["deduplicated"] = False
     if extra:
         fields.update(extra)
-    job = object.__new__(Job)
-    object.__setattr__(job, "__dict__", fields)  # the dict itself, not a copy
-    return job
+    return job_from_fields(fields)
 
 
 #: The fields of a job just inserted that no insert sets (job_from_insert copies it).
@@ -220,9 +225,7 @@ def job_from_insert(
     fields["idempotency_key"] = new.idempotency_key
     fields["concurrency_key"] = new.concurrency_key
     fields["concurrency_limit"] = new.concurrency_limit
-    job = object.__new__(Job)
-    object.__setattr__(job, "__dict__", fields)
-    return job
+    return job_from_fields(fields)
 
 
 def in_claim_order(jobs: list[Job]) -> list[Job]:

@@ -17,7 +17,7 @@ from typing import Any
 
 from ...job import Job
 from ...serialization import load_text
-from ..base import NewJob, job_from_insert
+from ..base import NewJob, job_from_fields, job_from_insert
 
 #: A key-less enqueue of at least this many jobs goes through COPY when it can.
 COPY_MIN = 500
@@ -33,6 +33,12 @@ def _field(value: str | None) -> str:
         value = value.replace("\\", "\\\\").replace("\t", "\\t")
         value = value.replace("\n", "\\n").replace("\r", "\\r")
     return value
+
+
+def _json_field(text: str) -> str:
+    """Conveyor's JSON ``text`` as a field of COPY's text format: JSON holds no tab, newline or
+    CR (the encoder escapes them), so only backslashes need escaping."""
+    return text.replace("\\", "\\\\") if "\\" in text else text
 
 
 def _number(value: float | None) -> str:
@@ -119,19 +125,13 @@ class _Rows:
         """Append ``job``'s COPY row (with id ``job_id``) to ``lines``, its Job to ``jobs``."""
         head, tail, fields = self._of(job)
         args, kwargs = job.args, job.kwargs
-        # JSON text holds no tab, newline or CR (the encoder escapes them): only backslashes
-        lines.append(
-            f"{job_id}\t{head}{args.replace(chr(92), chr(92) * 2) if chr(92) in args else args}"
-            f"\t{kwargs.replace(chr(92), chr(92) * 2) if chr(92) in kwargs else kwargs}{tail}"
-        )
+        lines.append(f"{job_id}\t{head}{_json_field(args)}\t{_json_field(kwargs)}{tail}")
         values = fields.copy()
         values["id"] = job_id
         values["args"] = [] if args == "[]" else load_text(args)
         values["kwargs"] = {} if kwargs == "{}" else load_text(kwargs)
         values["errors"] = []
-        made = object.__new__(Job)
-        object.__setattr__(made, "__dict__", values)
-        jobs.append(made)
+        jobs.append(job_from_fields(values))
 
 
 def copy_jobs(conn: Any, jobs: Sequence[NewJob], queries: dict[str, str]) -> list[Job] | None:
