@@ -206,3 +206,44 @@ def test_the_claim_never_reads_the_whole_jobs_table(app: Conveyor, raw: RawDB) -
         with conn.transaction():
             assert len(conn.execute(claim).fetchall()) == 5
             assert conn.execute(seq_scans).fetchone() == (0,)
+
+
+def test_the_claim_never_jit_compiles(app: Conveyor) -> None:
+    """PostgreSQL: forbidding sequential scans (the test above) adds 1e10 to their cost, which a
+    plan keeps in a branch it never runs; on a session with JIT on (the server's default, kept by
+    a pooler or a connection Conveyor did not configure) that cost passed jit_above_cost and
+    every claim compiled its expressions again (120 ms of a 1 ms claim). The claim and the
+    history lookup of a prune turn JIT off themselves: with every statement's cost above the JIT
+    thresholds, auto_explain shows no JIT in any of the claim's plans."""
+    if is_sqlite(app.url):
+        pytest.skip("PostgreSQL's JIT; SQLite has none")
+    import psycopg
+
+    _insert(app, *(NewJob(task="t", queue="jit") for _ in range(20)))
+    plans: list[str] = []
+    with psycopg.connect(app.url, autocommit=True) as conn:
+        if not conn.execute("SELECT pg_jit_available()").fetchone()[0]:
+            pytest.skip("this PostgreSQL server has no JIT provider (llvmjit) installed")
+        conn.add_notice_handler(lambda notice: plans.append(notice.message_primary or ""))
+        conn.execute("LOAD 'auto_explain'")
+        for setting, value in (
+            ("jit", "on"),
+            ("jit_above_cost", "0"),
+            ("jit_optimize_above_cost", "0"),
+            ("jit_inline_above_cost", "0"),
+            ("auto_explain.log_min_duration", "0"),
+            ("auto_explain.log_nested_statements", "on"),
+            ("auto_explain.log_level", "notice"),
+        ):
+            conn.execute(f"SET {setting} = {value}")
+        # the control: a plain statement on this session is compiled
+        conn.execute("SELECT count(*) FROM conveyor_jobs WHERE queue = 'jit'").fetchall()
+        assert any("JIT:" in plan for plan in plans), plans
+        plans.clear()
+        ids = conn.execute("SELECT id FROM conveyor_claim('w', ARRAY['jit'], 5, 30)").fetchall()
+        conn.execute("SELECT conveyor_history_forget(ARRAY[-1]::bigint[])")
+    assert len(ids) == 5
+    callers = ("Query Text: SELECT id FROM conveyor_claim", "Query Text: SELECT conveyor_history")
+    nested = [plan for plan in plans if not any(caller in plan for caller in callers)]
+    assert len(nested) >= 3, plans  # the claim's own statements were explained
+    assert not [plan for plan in nested if "JIT:" in plan], "a statement JIT-compiled"

@@ -890,3 +890,9 @@ EXCEPTION WHEN feature_not_supported OR syntax_error THEN
     NULL;  -- a server built without lz4 (or older than 14, without SET COMPRESSION) keeps pglz
 END
 $$;
+
+-- ---- migrations/0005_no_jit.sql: no JIT in the functions that forbid plan types (a forbidden
+-- path's cost, kept in a branch never executed, passed jit_above_cost and every call compiled) ----
+
+ALTER FUNCTION conveyor_claim(text, text[], integer, double precision) SET jit = off;
+ALTER FUNCTION conveyor_history_forget(bigint[]) SET jit = off;
