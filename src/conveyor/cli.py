@@ -17,12 +17,9 @@ import re
 import signal
 import sys
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
 from .app import Conveyor
 from .errors import ConfigurationError, ConveyorError
@@ -31,7 +28,10 @@ from .pipelines import Pipeline, PipelineState
 from .services.pruner import Pruner
 from .worker import Worker
 
-console = Console()
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
 #: Control characters (but newline and tab): shown escaped, so stored text cannot drive the
 #: terminal (cursor moves, titles, hyperlinks) when a command prints it.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -42,17 +42,30 @@ def _printable(text: object) -> str:
     return _CONTROL.sub(lambda m: repr(m.group())[1:-1], str(text))
 
 
+@functools.cache
+def _console() -> Console:
+    """The terminal tables print to. rich is imported on the first table: a worker never prints
+    one, and importing rich was about a sixth of a worker's start."""
+    from rich.console import Console
+
+    return Console()
+
+
 def _echo(text: object) -> None:
     click.echo(_printable(text))
 
 
 def _cells(*values: object) -> list[Text]:
     """Table cells as plain text: never read as rich markup (``[link=...]``, ``[bold]``)."""
+    from rich.text import Text
+
     return [Text(_printable(v)) for v in values]
 
 
 def _table(columns: Iterable[str], rows: Iterable[Iterable[object]]) -> Table:
     """A table of these columns, each row's values as plain-text cells (see ``_cells``)."""
+    from rich.table import Table
+
     table = Table()
     for column in columns:
         table.add_column(column)
@@ -378,7 +391,7 @@ def stats(app: Conveyor, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([stats_dict(s) for s in rows], indent=2))
         return
-    console.print(stats_table(rows))
+    _console().print(stats_table(rows))
 
 
 def stats_dict(s: Any) -> dict[str, Any]:
@@ -392,6 +405,8 @@ def stats_dict(s: Any) -> dict[str, Any]:
 
 
 def stats_table(rows: list[Any]) -> Table:
+    from rich.table import Table
+
     table = Table(title="Conveyor queues")
     table.add_column("queue")
     for state in JobState:
@@ -446,7 +461,7 @@ def jobs_list(
         )
         for j in rows
     )
-    console.print(_table(columns, cells))
+    _console().print(_table(columns, cells))
 
 
 def job_dict(job: Job) -> dict[str, Any]:
@@ -578,7 +593,7 @@ def pipelines_list(
         )
         for p in rows
     )
-    console.print(_table(columns, cells))
+    _console().print(_table(columns, cells))
 
 
 def _time(value: Any) -> str:
@@ -705,7 +720,7 @@ def demo(database: str, n_jobs: int, concurrency: int) -> None:
     a progress bar, and print the stats table."""
     from .demo import run_demo
 
-    run_demo(database, n_jobs, concurrency, console)
+    run_demo(database, n_jobs, concurrency, _console())
 
 
 @main.command()
