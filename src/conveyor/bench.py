@@ -73,8 +73,8 @@ class BenchSettings:
     database: str
     jobs: int = 20_000
     processes: int = 1
-    concurrency: int = 1000
-    batch_size: int = 500
+    concurrency: int = 2000
+    batch_size: int = 1000
     poll_interval: float = 0.05
     latency_jobs: int = 200
     latency_rounds: int = 3

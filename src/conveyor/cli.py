@@ -731,14 +731,14 @@ def demo(database: str, n_jobs: int, concurrency: int) -> None:
 @click.option(
     "--concurrency",
     "-c",
-    default=1000,
+    default=2000,
     show_default=True,
     type=click.IntRange(1, 10_000),
     help="Each worker's slots (no-op jobs: enough for two claims in flight).",
 )
 @click.option(
     "--batch-size",
-    default=500,
+    default=1000,
     show_default=True,
     type=click.IntRange(1, 10_000),
     help="The workers' --batch-size: most jobs per claim and outcomes per write.",
