@@ -179,3 +179,56 @@ def test_one_notification_per_statement_and_queue(app: Conveyor, db_url: str) ->
         app.enqueue_many(requests)
         got = [n.payload for n in listener.notifies(timeout=1.0)]
     assert sorted(got) == ["alpha", "beta"]
+
+
+def test_the_listener_connection_warms_up_its_claims_without_a_trace(
+    app: Conveyor, db_url: str
+) -> None:
+    """PostgreSQL: a session's first claim compiles the claim function and its triggers (7-10 ms,
+    paid by an idle worker's first pickup). The due listener's connection claims once at connect
+    in a transaction rolled back: the claim's UPDATE runs, and no job, history record or
+    notification of it remains."""
+    if is_sqlite(db_url):
+        pytest.skip("PostgreSQL's listener connection")
+    import psycopg
+
+    from conveyor.backends.postgres import _configure, _warm_up_claims
+
+    plans: list[str] = []
+    with (
+        psycopg.connect(db_url, autocommit=True) as listener,
+        psycopg.connect(db_url, autocommit=True) as conn,
+    ):
+        listener.execute("LISTEN conveyor_job_due")
+        _configure(conn)
+        conn.add_notice_handler(lambda notice: plans.append(notice.message_primary or ""))
+        conn.execute("LOAD 'auto_explain'")
+        for setting, value in (
+            ("auto_explain.log_min_duration", "0"),
+            ("auto_explain.log_nested_statements", "on"),
+            ("auto_explain.log_level", "notice"),
+        ):
+            conn.execute(f"SET {setting} = {value}")
+        _warm_up_claims(conn)
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        history = conn.execute("SELECT count(*) FROM conveyor_history").fetchone()
+        heard = [n.payload for n in listener.notifies(timeout=0.3)]
+    assert any("SET state = 'running'" in plan for plan in plans), plans  # the claim's UPDATE
+    assert app.list_jobs() == []
+    assert history == (0,)
+    assert "conveyor.warm-up" not in heard
+
+
+def test_a_failed_warm_up_leaves_the_listener_connection_usable(db_url: str) -> None:
+    """PostgreSQL: the warm-up is best effort: where it cannot claim (here: no Conveyor schema on
+    the connection's search path) it gives up quietly and the connection is left idle."""
+    if is_sqlite(db_url):
+        pytest.skip("PostgreSQL's listener connection")
+    import psycopg
+
+    from conveyor.backends.postgres import _warm_up_claims
+
+    with psycopg.connect(db_url, autocommit=True) as conn:  # db_url's schema is still empty
+        _warm_up_claims(conn)
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert conn.execute("SELECT 1").fetchone() == (1,)

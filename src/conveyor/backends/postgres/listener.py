@@ -64,7 +64,9 @@ def network_options(url: str) -> dict[str, Any]:
 class Listener:
     """LISTEN on one channel in a thread with its own connection; ``on_notify(payload, conn)`` for
     each notification, ``on_gap()`` whenever notifications may have been missed. ``on_notify`` is
-    called between waits, so it may run statements on ``conn`` (which ``configure`` prepared)."""
+    called between waits, so it may run statements on ``conn`` (which ``configure`` prepared and
+    ``warm_up`` readied, each before LISTEN, which stays the connection's last query to be seen
+    in pg_stat_activity until a notification comes)."""
 
     def __init__(
         self,
@@ -74,12 +76,14 @@ class Listener:
         on_gap: Callable[[], None],
         configure: Callable[[Any], None] | None = None,
         application_name: str = APPLICATION_NAME,
+        warm_up: Callable[[Any], None] | None = None,
     ) -> None:
         self.url = url
         self.channel = channel
         self.on_notify = on_notify
         self.on_gap = on_gap
         self.configure = configure
+        self.warm_up = warm_up
         self.application_name = application_name
         self.listening = threading.Event()
         self._stop = threading.Event()
@@ -110,6 +114,8 @@ class Listener:
                 ) as conn:
                     if self.configure is not None:
                         self.configure(conn)
+                    if self.warm_up is not None:
+                        self.warm_up(conn)
                     conn.execute(f"LISTEN {self.channel}")
                     self.listening.set()
                     if not first:
@@ -160,14 +166,16 @@ def due_listener(
     on_gap: Callable[[], None],
     claim_on: Callable[[Any], bool] | None = None,
     configure: Callable[[Any], None] | None = None,
+    warm_up: Callable[[Any], None] | None = None,
 ) -> Listener:
     """Queues that just got due jobs (``conveyor_job_due``, payload: the queue name), for idle
     workers: when one of ``queues`` is named, ``claim_on(conn)`` may claim for the worker on the
-    listener's connection (True when it did), else the worker is woken with ``on_due()``."""
+    listener's connection (True when it did), else the worker is woken with ``on_due()``;
+    ``warm_up(conn)`` readies the connection for those claims each time it connects."""
     wanted = frozenset(queues)
 
     def on_notify(payload: str, conn: Any) -> None:
         if payload in wanted and not (claim_on is not None and claim_on(conn)):
             on_due()
 
-    return Listener(url, DUE_CHANNEL, on_notify, on_gap, configure, DUE_APPLICATION_NAME)
+    return Listener(url, DUE_CHANNEL, on_notify, on_gap, configure, DUE_APPLICATION_NAME, warm_up)

@@ -85,6 +85,14 @@ SELECT {job_columns} FROM conveyor_jobs
 -- name: claim
 SELECT {job_columns} FROM conveyor_claim(%(worker)s, %(queues)s::text[], %(limit)s, %(lease)s)
 
+-- name: warm_up_insert
+-- A job for a connection's warm-up claim (_warm_up_claims), in a transaction that is rolled back.
+INSERT INTO conveyor_jobs (queue, task, max_attempts)
+VALUES ('conveyor.warm-up', 'conveyor.warm-up', 1)
+
+-- name: warm_up_claim
+SELECT id FROM conveyor_claim('conveyor.warm-up', ARRAY['conveyor.warm-up'], 1, 1)
+
 -- name: claimed_unanswered
 -- The jobs a claim of this worker took although its answer never arrived (the connection died
 -- after the commit): running under it, claimed after every job it was handed (%(since)s).
