@@ -92,6 +92,23 @@ def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
 
 
+def explain_everything(conn: Any, **settings: str) -> list[str]:
+    """PostgreSQL: from now on, the plan of every statement ``conn`` runs, nested ones too (in
+    functions and triggers), is appended to the returned list (auto_explain, as notices).
+    ``settings`` are SET on the session as well (e.g. ``jit="on"``)."""
+    plans: list[str] = []
+    conn.add_notice_handler(lambda notice: plans.append(notice.message_primary or ""))
+    conn.execute("LOAD 'auto_explain'")
+    explain = {
+        "auto_explain.log_min_duration": "0",
+        "auto_explain.log_nested_statements": "on",
+        "auto_explain.log_level": "notice",
+    }
+    for setting, value in {**settings, **explain}.items():
+        conn.execute(f"SET {setting} = {value}")
+    return plans
+
+
 def claim_one(
     app: Conveyor, worker: str = WORKER, queue: str = "default", lease: float = 30.0
 ) -> Job:

@@ -12,7 +12,7 @@ from conveyor import Conveyor, JobState
 from conveyor.backends.base import NewJob
 from conveyor.states import Backoff, fail, succeed
 
-from .conftest import RawDB, claim_one, is_sqlite
+from .conftest import RawDB, claim_one, explain_everything, is_sqlite
 
 
 def _insert(app: Conveyor, *jobs: NewJob) -> list[int]:
@@ -220,22 +220,16 @@ def test_the_claim_never_jit_compiles(app: Conveyor) -> None:
     import psycopg
 
     _insert(app, *(NewJob(task="t", queue="jit") for _ in range(20)))
-    plans: list[str] = []
     with psycopg.connect(app.url, autocommit=True) as conn:
         if not conn.execute("SELECT pg_jit_available()").fetchone()[0]:
             pytest.skip("this PostgreSQL server has no JIT provider (llvmjit) installed")
-        conn.add_notice_handler(lambda notice: plans.append(notice.message_primary or ""))
-        conn.execute("LOAD 'auto_explain'")
-        for setting, value in (
-            ("jit", "on"),
-            ("jit_above_cost", "0"),
-            ("jit_optimize_above_cost", "0"),
-            ("jit_inline_above_cost", "0"),
-            ("auto_explain.log_min_duration", "0"),
-            ("auto_explain.log_nested_statements", "on"),
-            ("auto_explain.log_level", "notice"),
-        ):
-            conn.execute(f"SET {setting} = {value}")
+        plans = explain_everything(
+            conn,
+            jit="on",
+            jit_above_cost="0",
+            jit_optimize_above_cost="0",
+            jit_inline_above_cost="0",
+        )
         # the control: a plain statement on this session is compiled
         conn.execute("SELECT count(*) FROM conveyor_jobs WHERE queue = 'jit'").fetchall()
         assert any("JIT:" in plan for plan in plans), plans

@@ -11,7 +11,7 @@ import pytest
 
 from conveyor import Conveyor, JobState
 
-from .conftest import is_sqlite, running_worker, wait_until
+from .conftest import explain_everything, is_sqlite, running_worker, wait_until
 
 LONG_POLL = 60.0  # far longer than any wait below: only a push or idle polling can be this fast
 
@@ -194,21 +194,13 @@ def test_the_listener_connection_warms_up_its_claims_without_a_trace(
 
     from conveyor.backends.postgres import _configure, _warm_up_claims
 
-    plans: list[str] = []
     with (
         psycopg.connect(db_url, autocommit=True) as listener,
         psycopg.connect(db_url, autocommit=True) as conn,
     ):
         listener.execute("LISTEN conveyor_job_due")
         _configure(conn)
-        conn.add_notice_handler(lambda notice: plans.append(notice.message_primary or ""))
-        conn.execute("LOAD 'auto_explain'")
-        for setting, value in (
-            ("auto_explain.log_min_duration", "0"),
-            ("auto_explain.log_nested_statements", "on"),
-            ("auto_explain.log_level", "notice"),
-        ):
-            conn.execute(f"SET {setting} = {value}")
+        plans = explain_everything(conn)
         _warm_up_claims(conn)
         assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
         history = conn.execute("SELECT count(*) FROM conveyor_history").fetchone()
