@@ -10,6 +10,8 @@ import time
 import pytest
 
 from conveyor import Conveyor, JobState
+from conveyor.backends.postgres.listener import DUE_CHANNEL, listen, schema_channel
+from conveyor.states import succeed
 
 from .conftest import explain_everything, is_sqlite, running_worker, wait_until
 
@@ -137,7 +139,7 @@ def test_listener_reconnects_after_its_connection_is_killed(app: Conveyor, db_ur
                     lambda: admin.execute(
                         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                         "WHERE application_name = 'conveyor-due-listener' "
-                        "AND query LIKE 'LISTEN conveyor_job_due%'"
+                        "AND query LIKE 'LISTEN \"conveyor_job_due_%'"
                     ).fetchone()[0],
                     timeout=5,
                     what="the worker's listener connection",
@@ -147,7 +149,7 @@ def test_listener_reconnects_after_its_connection_is_killed(app: Conveyor, db_ur
                     lambda: (
                         admin.execute(
                             "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
-                            "'conveyor-due-listener' AND query LIKE 'LISTEN conveyor_job_due%'"
+                            "'conveyor-due-listener' AND query LIKE 'LISTEN \"conveyor_job_due_%'"
                         ).fetchone()[0]
                         >= 1
                     ),
@@ -172,7 +174,7 @@ def test_one_notification_per_statement_and_queue(app: Conveyor, db_url: str) ->
     _app_with_task(app)
     noop = app.tasks["pickup.noop"]
     with psycopg.connect(db_url, autocommit=True) as listener:
-        listener.execute("LISTEN conveyor_job_due")
+        listen(listener, schema_channel(listener, DUE_CHANNEL))
         requests = [noop.options(queue="alpha").request(i) for i in range(500)]
         requests += [noop.options(queue="beta").request(i) for i in range(500)]
         requests += [noop.options(queue="gamma", delay=3600).request(0)]  # not due: no wake-up
@@ -198,7 +200,7 @@ def test_the_listener_connection_warms_up_its_claims_without_a_trace(
         psycopg.connect(db_url, autocommit=True) as listener,
         psycopg.connect(db_url, autocommit=True) as conn,
     ):
-        listener.execute("LISTEN conveyor_job_due")
+        listen(listener, schema_channel(listener, DUE_CHANNEL))
         _configure(conn)
         plans = explain_everything(conn)
         _warm_up_claims(conn)
@@ -224,3 +226,46 @@ def test_a_failed_warm_up_leaves_the_listener_connection_usable(db_url: str) -> 
         _warm_up_claims(conn)
         assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_conveyors_in_two_schemas_of_one_database_do_not_hear_each_other(
+    app: Conveyor, db_url: str, other_db_url: str
+) -> None:
+    """PostgreSQL: NOTIFY channels are database-wide. Each schema's triggers notify on channels
+    of its own (named after the schema's oid), so an enqueue in one schema wakes no idle worker
+    of the other (whose listener would claim there in vain), and a job finishing in one wakes no
+    result waiter of the other (with an id that means another job there)."""
+    if is_sqlite(db_url):
+        pytest.skip("SQLite has no LISTEN/NOTIFY")
+    import psycopg
+
+    from conveyor.backends.postgres.listener import CHANNEL
+
+    _app_with_task(app)
+    other = _other_process_app(other_db_url)
+    other.migrate()
+    try:
+        with (
+            psycopg.connect(db_url, autocommit=True) as ours,
+            psycopg.connect(other_db_url, autocommit=True) as theirs,
+        ):
+            channels = {
+                name: (schema_channel(ours, name), schema_channel(theirs, name))
+                for name in (DUE_CHANNEL, CHANNEL)
+            }
+            for mine, its in channels.values():
+                assert mine != its
+                listen(ours, mine)
+                listen(theirs, its)
+            job = other.tasks["pickup.noop"].enqueue(1)
+            (claimed,) = other.backend.job_fetch_available("w", ["default"], 1, 30)
+            other.backend.job_finish_many("w", [succeed(claimed, "1")])
+            # theirs heard it all (the control): due, then finished; ours heard nothing
+            heard = {(n.channel, n.payload) for n in theirs.notifies(timeout=5, stop_after=2)}
+            assert heard == {
+                (channels[DUE_CHANNEL][1], "default"),
+                (channels[CHANNEL][1], str(job.id)),
+            }
+            assert [(n.channel, n.payload) for n in ours.notifies(timeout=0.3)] == []
+    finally:
+        other.close()

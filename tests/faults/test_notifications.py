@@ -34,7 +34,12 @@ from typing import Any
 import psycopg
 
 from conveyor import Conveyor, JobState
-from conveyor.backends.postgres.listener import DUE_APPLICATION_NAME, DUE_CHANNEL
+from conveyor.backends.postgres.listener import (
+    DUE_APPLICATION_NAME,
+    DUE_CHANNEL,
+    schema_channel,
+)
+from conveyor.backends.postgres.listener import listen as listen_on
 from tests.integration.support import WorkerProcess, rows, wait_until, worker_args
 
 from . import apps
@@ -44,7 +49,8 @@ from .figures import Figures, percentile, size
 QUEUE = "h2-notify"
 POLL = 2.0  # the worker's poll interval: polling pickups take up to this long, pushes ~ms
 PUSHED = POLL / 4  # a median pickup under this is pushed (polling would give ~POLL / 2)
-_NO_NOTIFY = """CREATE OR REPLACE FUNCTION conveyor_notify_due(_queues text[]) RETURNS void
+_NO_NOTIFY = """CREATE OR REPLACE FUNCTION conveyor_notify_due(_queues text[], _table regclass)
+RETURNS void
 LANGUAGE plpgsql AS $fn$ BEGIN END $fn$"""
 
 
@@ -100,7 +106,7 @@ def notification_counter(url: str) -> Iterator[list[float]]:
 
     def listen() -> None:
         with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute(f"LISTEN {DUE_CHANNEL}")
+            listen_on(conn, schema_channel(conn, DUE_CHANNEL))
             ready.set()
             while not stop.is_set():
                 for note in conn.notifies(timeout=0.1):
@@ -213,7 +219,7 @@ def test_lost_notifications_cost_latency_never_work(
 
             # 3. notifications suppressed, then restored
             (original,) = admin.execute(
-                "SELECT pg_get_functiondef('conveyor_notify_due(text[])'::regprocedure)"
+                "SELECT pg_get_functiondef('conveyor_notify_due(text[], regclass)'::regprocedure)"
             ).fetchone()
             t_sup = time.time()
             admin.execute(_NO_NOTIFY)

@@ -48,7 +48,6 @@ UNSAFE_CALLS = {"eval", "exec", "compile", "__import__"}
 #: The only expressions formatted into SQL text in src, each a constant of the code.
 SQL_INTERPOLATIONS = {
     "_NOW": "SQLite's clock expression, a module constant",
-    "self.channel": "a LISTEN channel, one of listener.py's constants",
     "schema": "bench's throwaway schema, 'conveyor_bench_' + uuid4 hex",
 }
 SQL_CALLS = {"execute", "executemany", "executescript"}

@@ -1,8 +1,10 @@
 """LISTEN/NOTIFY subscriptions: one thread and one dedicated connection per subscription.
 
-The triggers send ``pg_notify('conveyor_job_state', '12,13,...')`` when jobs reach a terminal
-state (for result waiters) and ``pg_notify('conveyor_job_due', queue)`` when jobs become due now
-(for idle workers). A listener hands each payload to a callback. When its connection drops it
+The triggers send ``pg_notify('conveyor_job_state_<schema>', '12,13,...')`` when jobs reach a
+terminal state (for result waiters) and ``pg_notify('conveyor_job_due_<schema>', queue)`` when
+jobs become due now (for idle workers); ``<schema>`` is the oid of the schema that holds the
+jobs table (SQL ``conveyor_channel``), so that Conveyors in two schemas of one database do not
+hear each other. A listener asks for its channel's name when it connects. A listener hands each payload to a callback. When its connection drops it
 reports a gap (subscribers then look for themselves), reconnects with backoff, and reports a gap
 again once it listens, since notifications sent meanwhile are lost: notifications cost latency
 when lost, never correctness, because every subscriber also polls.
@@ -20,6 +22,7 @@ logger = logging.getLogger("conveyor.listener")
 CHANNEL = "conveyor_job_state"
 #: Notified with a queue name when jobs in it become due now (inserted, retried, released).
 DUE_CHANNEL = "conveyor_job_due"
+
 #: The listener connections' names in pg_stat_activity: result and flow waiters', and workers'
 #: (a worker's listener also claims for it: see backends.base.IdleClaim).
 APPLICATION_NAME = "conveyor-listener"
@@ -27,6 +30,21 @@ DUE_APPLICATION_NAME = "conveyor-due-listener"
 #: How long ``start`` waits for the first LISTEN before returning (waiters poll meanwhile).
 START_TIMEOUT = 5.0
 _WAKE_EVERY = 0.1  # how often the thread checks whether it was stopped
+
+
+def schema_channel(conn: Any, name: str) -> str:
+    """The channel ``name`` of the Conveyor schema that ``conn`` sees (its search path): e.g.
+    ``conveyor_job_due_2200`` (SQL ``conveyor_channel``: the name and the schema's oid)."""
+    row = conn.execute("SELECT conveyor_channel(%s, 'conveyor_jobs'::regclass)", (name,)).fetchone()
+    return str(row[0])
+
+
+def listen(conn: Any, channel: str) -> None:
+    """LISTEN on ``channel`` (quoted as an identifier)."""
+    from psycopg import sql
+
+    statement = sql.SQL("LISTEN {}").format(sql.Identifier(channel))
+    conn.execute(statement)
 
 
 def parse_ids(payload: str) -> list[int]:
@@ -116,7 +134,7 @@ class Listener:
                         self.configure(conn)
                     if self.warm_up is not None:
                         self.warm_up(conn)
-                    conn.execute(f"LISTEN {self.channel}")
+                    listen(conn, schema_channel(conn, self.channel))
                     self.listening.set()
                     if not first:
                         self.on_gap()  # notifications sent while reconnecting are lost

@@ -1,5 +1,5 @@
 -- The current Conveyor schema for PostgreSQL, as the migrations leave it (today: the
--- conveyor_migrations table that the migrator creates, plus migrations 0001 to 0004). This file
+-- conveyor_migrations table that the migrator creates, plus migrations 0001 to 0006). This file
 -- documents the schema: Conveyor never runs it, the migrations build every database. Change the
 -- schema with a new migration and update this file to match (tests/contract/test_schema.py builds a
 -- database from each and compares their catalogs). docs/state-machine.md documents
@@ -424,24 +424,37 @@ BEGIN
 END
 $fn$;
 
--- Tell result waiters (LISTEN conveyor_job_state) which jobs just finished: comma-separated ids,
--- at most 300 per notification (payloads must stay under 8000 bytes). Delivered on commit.
-CREATE FUNCTION conveyor_notify_finished(_ids bigint[]) RETURNS void
+-- The channel of notification ``_name`` for the Conveyor schema that holds ``_table``: the name and
+-- the schema's oid ('conveyor_job_due_2200'). NOTIFY channels are database-wide: Conveyors in two
+-- schemas of one database hear only their own notifications (idle workers are not woken, nor
+-- claim, for another schema's jobs; waiters are not woken by another schema's job ids).
+CREATE FUNCTION conveyor_channel(_name text, _table regclass) RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE AS $fn$
+    SELECT _name || '_' || c.relnamespace::bigint FROM pg_class c WHERE c.oid = _table
+$fn$;
+
+-- Tell result waiters (LISTEN conveyor_job_state_<schema>) which jobs just finished:
+-- comma-separated ids, at most 300 per notification (payloads must stay under 8000 bytes).
+-- Delivered on commit. ``_table``: the jobs table (the channel's schema).
+CREATE FUNCTION conveyor_notify_finished(_ids bigint[], _table regclass) RETURNS void
 LANGUAGE plpgsql AS $fn$
 BEGIN
-    PERFORM pg_notify('conveyor_job_state', string_agg(c.id::text, ','))
+    PERFORM pg_notify(conveyor_channel('conveyor_job_state', _table), string_agg(c.id::text, ','))
        FROM (SELECT u.id, (u.n - 1) / 300 AS chunk
                FROM unnest(_ids) WITH ORDINALITY AS u(id, n)) c
       GROUP BY c.chunk;
 END
 $fn$;
 
--- Wake idle workers (LISTEN conveyor_job_due): one notification per queue that got jobs due now.
--- NOTIFY folds identical payloads within a transaction, so a bulk insert sends one per queue.
-CREATE FUNCTION conveyor_notify_due(_queues text[]) RETURNS void
+-- Wake idle workers (LISTEN conveyor_job_due_<schema>): one notification per queue that got jobs
+-- due now. NOTIFY folds identical payloads within a transaction, so a bulk insert sends one per
+-- queue.
+CREATE FUNCTION conveyor_notify_due(_queues text[], _table regclass) RETURNS void
 LANGUAGE plpgsql AS $fn$
+DECLARE
+    _channel text := conveyor_channel('conveyor_job_due', _table);
 BEGIN
-    PERFORM pg_notify('conveyor_job_due', q) FROM (SELECT DISTINCT unnest(_queues) AS q) s;
+    PERFORM pg_notify(_channel, q) FROM (SELECT DISTINCT unnest(_queues) AS q) s;
 END
 $fn$;
 
@@ -470,10 +483,10 @@ BEGIN
     PERFORM conveyor_history_record(_r.ids, _r.from_states, _r.to_states, _r.workers,
                                     _r.attempts, _r.errors);
     IF _r.due IS NOT NULL THEN
-        PERFORM conveyor_notify_due(_r.due);
+        PERFORM conveyor_notify_due(_r.due, TG_RELID);
     END IF;
     IF _r.finished IS NOT NULL THEN
-        PERFORM conveyor_notify_finished(_r.finished);
+        PERFORM conveyor_notify_finished(_r.finished, TG_RELID);
     END IF;
     RETURN NULL;
 END
@@ -517,12 +530,13 @@ BEGIN
     PERFORM conveyor_history_record(_r.ids, _r.from_states, _r.to_states, _r.workers,
                                     _r.attempts, _r.errors);
     IF _r.due IS NOT NULL THEN
-        PERFORM conveyor_notify_due(_r.due);
+        PERFORM conveyor_notify_due(_r.due, TG_RELID);
     END IF;
     IF _r.succeeded IS NULL AND _r.failed IS NULL THEN
         RETURN NULL;
     END IF;
-    PERFORM conveyor_notify_finished(coalesce(_r.succeeded, '{}') || coalesce(_r.failed, '{}'));
+    PERFORM conveyor_notify_finished(coalesce(_r.succeeded, '{}') || coalesce(_r.failed, '{}'),
+                                     TG_RELID);
     IF EXISTS (SELECT 1 FROM conveyor_job_deps WHERE depends_on = ANY(_r.failed)) THEN
         PERFORM conveyor_cancel_dependents(_r.failed, _r.reasons);
     END IF;
@@ -859,12 +873,12 @@ CREATE TRIGGER conveyor_batches_complete AFTER UPDATE OF total, succeeded, faile
     FOR EACH ROW WHEN (NEW.completed_at IS NULL AND NEW.succeeded + NEW.failed >= NEW.total)
     EXECUTE FUNCTION conveyor_batches_complete();
 
--- Tell subscribers (LISTEN conveyor_flow_state) which pipelines ('p12') and batches ('b7')
--- changed; identical notifications of one transaction are delivered once, at commit.
+-- Tell subscribers (LISTEN conveyor_flow_state_<schema>) which pipelines ('p12') and batches
+-- ('b7') changed; identical notifications of one transaction are delivered once, at commit.
 CREATE FUNCTION conveyor_notify_flow() RETURNS trigger
 LANGUAGE plpgsql AS $fn$
 BEGIN
-    PERFORM pg_notify('conveyor_flow_state', TG_ARGV[0] || NEW.id);
+    PERFORM pg_notify(conveyor_channel('conveyor_flow_state', TG_RELID), TG_ARGV[0] || NEW.id);
     RETURN NULL;
 END
 $fn$;
