@@ -4,10 +4,11 @@ The triggers send ``pg_notify('conveyor_job_state_<schema>', '12,13,...')`` when
 terminal state (for result waiters) and ``pg_notify('conveyor_job_due_<schema>', queue)`` when
 jobs become due now (for idle workers); ``<schema>`` is the oid of the schema that holds the
 jobs table (SQL ``conveyor_channel``), so that Conveyors in two schemas of one database do not
-hear each other. A listener asks for its channel's name when it connects. A listener hands each payload to a callback. When its connection drops it
-reports a gap (subscribers then look for themselves), reconnects with backoff, and reports a gap
-again once it listens, since notifications sent meanwhile are lost: notifications cost latency
-when lost, never correctness, because every subscriber also polls.
+hear each other; a listener asks for its channel's name when it connects. A listener hands each
+payload to a callback. When its connection drops it reports a gap (subscribers then look for
+themselves), reconnects with backoff, and reports a gap again once it listens, since
+notifications sent meanwhile are lost: notifications cost latency when lost, never correctness,
+because every subscriber also polls.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ logger = logging.getLogger("conveyor.listener")
 CHANNEL = "conveyor_job_state"
 #: Notified with a queue name when jobs in it become due now (inserted, retried, released).
 DUE_CHANNEL = "conveyor_job_due"
-
 #: The listener connections' names in pg_stat_activity: result and flow waiters', and workers'
 #: (a worker's listener also claims for it: see backends.base.IdleClaim).
 APPLICATION_NAME = "conveyor-listener"
@@ -35,8 +35,12 @@ _WAKE_EVERY = 0.1  # how often the thread checks whether it was stopped
 def schema_channel(conn: Any, name: str) -> str:
     """The channel ``name`` of the Conveyor schema that ``conn`` sees (its search path): e.g.
     ``conveyor_job_due_2200`` (SQL ``conveyor_channel``: the name and the schema's oid)."""
-    row = conn.execute("SELECT conveyor_channel(%s, 'conveyor_jobs'::regclass)", (name,)).fetchone()
-    return str(row[0])
+    from psycopg.rows import tuple_row
+
+    with conn.cursor(row_factory=tuple_row) as cur:  # whatever rows the connection makes
+        cur.execute("SELECT conveyor_channel(%s, 'conveyor_jobs'::regclass)", (name,))
+        (channel,) = cur.fetchone()
+    return str(channel)
 
 
 def listen(conn: Any, channel: str) -> None:
