@@ -13,7 +13,7 @@ from conveyor.errors import ConfigurationError
 from .support import conveyor
 
 KEYS = {"backend", "jobs", "enqueue_per_s", "drain_per_s", "latency_p50_ms", "latency_p99_ms",
-        "executed_once", "settings"}  # fmt: skip
+        "enqueue_call_p50_ms", "enqueue_call_p99_ms", "executed_once", "settings"}  # fmt: skip
 
 
 def test_bench_command_prints_one_json_object(db_url: str) -> None:
@@ -31,6 +31,9 @@ def test_bench_command_prints_one_json_object(db_url: str) -> None:
     assert result["executions"] == result["expected_executions"] == 600 + 1 + 10
     assert result["drain_per_s"] > 0 and result["enqueue_per_s"] > 0
     assert 0 < result["latency_p50_ms"] <= result["latency_p99_ms"]
+    # the enqueue call is part of each pickup (an enqueue is the pickup's start)
+    assert 0 < result["enqueue_call_p50_ms"] <= result["enqueue_call_p99_ms"]
+    assert result["enqueue_call_p50_ms"] < result["latency_p99_ms"]
     assert len(result["drain_per_s_by_tenth"]) == 10
     assert all(rate >= 0 for rate in result["drain_per_s_by_tenth"])
 
