@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -30,6 +31,23 @@ DUE_APPLICATION_NAME = "conveyor-due-listener"
 #: How long ``start`` waits for the first LISTEN before returning (waiters poll meanwhile).
 START_TIMEOUT = 5.0
 _WAKE_EVERY = 0.1  # how often the thread checks whether it was stopped
+#: Reconnecting: a connection that listened for RECONNECT_STABLE seconds or more is replaced at
+#: once when lost (a killed backend, a restarted pooler: the server is likely there, and
+#: notifications are lost until then); one lost sooner, after RECONNECT_FIRST (a server that
+#: drops each connection soon after it listens is not hammered); attempts that fail to listen
+#: wait from RECONNECT_FIRST, doubling, up to RECONNECT_MAX (the server is down).
+RECONNECT_FIRST = 0.1
+RECONNECT_MAX = 5.0
+RECONNECT_STABLE = 1.0
+
+
+def next_backoff(previous: float, listened: float | None) -> float:
+    """The wait before the next attempt to connect, after waiting ``previous`` before this one
+    and listening for ``listened`` seconds on the connection just lost (None: it never got to
+    listen)."""
+    if listened is None:
+        return min(max(previous * 2, RECONNECT_FIRST), RECONNECT_MAX)
+    return 0.0 if listened >= RECONNECT_STABLE else RECONNECT_FIRST
 
 
 def schema_channel(conn: Any, name: str) -> str:
@@ -124,9 +142,10 @@ class Listener:
     def _run(self) -> None:
         import psycopg
 
-        backoff = 0.1
+        backoff = 0.0
         first = True
         while not self._stop.is_set():
+            since: float | None = None  # when this connection started listening
             try:
                 with psycopg.connect(
                     self.url,
@@ -140,17 +159,19 @@ class Listener:
                         self.warm_up(conn)
                     listen(conn, schema_channel(conn, self.channel))
                     self.listening.set()
+                    since = time.monotonic()
                     if not first:
                         self.on_gap()  # notifications sent while reconnecting are lost
-                    first, backoff = False, 0.1
+                    first = False
                     self._receive(conn)
             except psycopg.Error as exc:
                 logger.warning("listener connection failed (%s); reconnecting", exc)
             self.listening.clear()
             if not self._stop.is_set():
                 self.on_gap()
+                listened = None if since is None else time.monotonic() - since
+                backoff = next_backoff(backoff, listened)
                 self._stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
 
     def _receive(self, conn: Any) -> None:
         import psycopg
