@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,14 +19,15 @@ def test_the_worker_command_does_not_import_rich() -> None:
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'rich'))"
     )
     out = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=os.environ
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
     ).stdout.strip()
     assert out == "[]"
 
 
-def test_the_bench_compiles_the_package_before_starting_workers(tmp_path: Path) -> None:
+def test_the_bench_compiles_the_package_to_bytecode() -> None:
     """Under PYTHONDONTWRITEBYTECODE=1 an editable install is compiled anew by every process;
-    the bench compiles it once, as pip does at install, so its workers start as installed."""
+    run_bench compiles it once (this helper) before it starts workers, as pip does at install,
+    so its workers start as installed."""
     package = Path(conveyor.__file__).parent
     compiled = Path(importlib.util.cache_from_source(str(package / "worker.py")))
     compiled.unlink(missing_ok=True)

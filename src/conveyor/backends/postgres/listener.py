@@ -211,10 +211,11 @@ def due_listener(
     configure: Callable[[Any], None] | None = None,
     warm_up: Callable[[Any], None] | None = None,
 ) -> Listener:
-    """Queues that just got due jobs (``conveyor_job_due``, payload: the queue name), for idle
-    workers: when one of ``queues`` is named, ``claim_on(conn)`` may claim for the worker on the
-    listener's connection (True when it did), else the worker is woken with ``on_due()``;
-    ``warm_up(conn)`` readies the connection for those claims each time it connects."""
+    """Queues that just got due jobs (the schema's ``conveyor_job_due`` channel, payload: the
+    queue name), for idle workers: when one of ``queues`` is named, ``claim_on(conn)`` may claim
+    for the worker on the listener's connection (True when it did), else the worker is woken
+    with ``on_due()``; ``warm_up(conn)`` readies the connection for those claims each time it
+    connects."""
     wanted = frozenset(queues)
 
     def on_notify(payload: str, conn: Any) -> None:
