@@ -49,7 +49,7 @@ from .figures import Figures, percentile, size
 QUEUE = "h2-notify"
 POLL = 2.0  # the worker's poll interval: polling pickups take up to this long, pushes ~ms
 PUSHED = POLL / 4  # a median pickup under this is pushed (polling would give ~POLL / 2)
-_NO_NOTIFY = """CREATE OR REPLACE FUNCTION conveyor_notify_due(_queues text[], _table regclass)
+_NO_NOTIFY = """CREATE OR REPLACE FUNCTION conveyor_notify_due(_queues text[], _schema name)
 RETURNS void
 LANGUAGE plpgsql AS $fn$ BEGIN END $fn$"""
 
@@ -219,7 +219,7 @@ def test_lost_notifications_cost_latency_never_work(
 
             # 3. notifications suppressed, then restored
             (original,) = admin.execute(
-                "SELECT pg_get_functiondef('conveyor_notify_due(text[], regclass)'::regprocedure)"
+                "SELECT pg_get_functiondef('conveyor_notify_due(text[], name)'::regprocedure)"
             ).fetchone()
             t_sup = time.time()
             admin.execute(_NO_NOTIFY)
