@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 
-from conveyor.bench import BenchSettings, _by_tenth, fresh_database, run_bench
+from conveyor import bench
+from conveyor.bench import BenchSettings, _by_tenth, _ExecutionLog, fresh_database, run_bench
 from conveyor.errors import ConfigurationError
 
 from .support import conveyor
@@ -59,3 +61,47 @@ def test_fresh_database_is_used_and_removed_afterwards(sqlite_url: str) -> None:
 def test_bench_refuses_other_databases() -> None:
     with pytest.raises(ConfigurationError, match="bench needs"):
         run_bench(BenchSettings(database="mysql://x/y"))
+
+
+def test_the_drain_polls_the_database_only_once_every_job_has_started(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """peerbench's method: the drain's wait reads the execution logs, and asks the database
+    whether jobs are left only once each has started (a probe every 10 ms throughout took CPU
+    from the workers and the server). The probe's calls and the jobs' starts share a clock
+    (CLOCK_MONOTONIC)."""
+    probed: list[float] = []
+    started: list[float] = []
+    unfinished, by_tenth = bench._Probe.unfinished, bench._by_tenth
+
+    def probe(self: bench._Probe) -> int:
+        probed.append(time.monotonic())
+        return unfinished(self)
+
+    def tenths(times: list[float]) -> list[float]:  # called with the drain's start times
+        started.extend(times)
+        return by_tenth(times)
+
+    monkeypatch.setattr(bench._Probe, "unfinished", probe)
+    monkeypatch.setattr(bench, "_by_tenth", tenths)
+    base = db_url.split("?")[0] if db_url.startswith("postgres") else db_url
+    settings = BenchSettings(base, jobs=300, concurrency=20, latency_jobs=3, latency_rounds=1)
+    result = run_bench(settings)
+    assert result["executed_once"] is True
+    assert len(started) == 300 and probed
+    assert min(probed) >= max(started)
+
+
+def test_the_execution_log_is_read_incrementally(tmp_path: Path) -> None:
+    """Each read takes what was appended since the last; a line still being written (no newline
+    yet) waits for the next read; every process's file counts."""
+    log = _ExecutionLog(str(tmp_path / "exec"))
+    first, second = tmp_path / "exec.101", tmp_path / "exec.102"
+    first.write_bytes(b"1 10.5\n2 10.75\n3 1")
+    (tmp_path / "other.101").write_bytes(b"9 9.0\n")  # not an execution log
+    assert log.rows() == [(1, 10.5), (2, 10.75)]
+    with first.open("ab") as f:
+        f.write(b"1.25\n")
+    second.write_bytes(b"4 12.0\n")
+    assert sorted(log.rows()) == [(1, 10.5), (2, 10.75), (3, 11.25), (4, 12.0)]
+    assert len(log.rows()) == 4  # nothing read twice
