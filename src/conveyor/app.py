@@ -18,7 +18,6 @@ from .backends.migrate import check_version
 from .errors import ConfigurationError, JobNotFoundError, UnknownTaskError
 from .job import Job, JobEvent, JobState
 from .options import (
-    DEFAULT_MAX_ATTEMPTS,
     DEFAULT_QUEUE,
     ID_MAX,
     Options,
@@ -102,7 +101,7 @@ class Task(Generic[P, R]):
 
     @property
     def queue(self) -> str:
-        return self.defaults.queue or DEFAULT_QUEUE
+        return self.defaults.settled().queue
 
     @property
     def backoff(self) -> BackoffPolicy:
@@ -385,19 +384,20 @@ class Conveyor:
         if cached[0] is opts:  # requests of one enqueue_many mostly share their options
             queue, rest = cached[1], cached[2]
         else:
-            queue = opts.queue or DEFAULT_QUEUE
+            settled = opts.settled()
+            queue = settled.queue
             rest = (
-                opts.priority or 0,
-                opts.delay or 0.0,
+                settled.priority,
+                settled.delay,
                 opts.run_at,
-                opts.max_attempts or DEFAULT_MAX_ATTEMPTS,
+                settled.max_attempts,
                 opts.max_snoozes,
                 opts.deadline,
                 opts.timeout,
                 opts.unique_key,
                 opts.idempotency_key,
                 opts.concurrency_key,
-                opts.concurrency_limit or 1,
+                settled.concurrency_limit,
                 opts.depends_on or (),
             )
             self._options_fields = (opts, queue, rest)

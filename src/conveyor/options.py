@@ -14,7 +14,7 @@ import random
 import re
 from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import ConfigurationError
 from .states import Backoff, BackoffPolicy
@@ -121,6 +121,16 @@ def _dependencies(value: object) -> tuple[int, ...]:
     return tuple(ids)
 
 
+class Settled(NamedTuple):
+    """The options that have a default, settled: as set, else Conveyor's default."""
+
+    queue: str
+    priority: int
+    max_attempts: int
+    concurrency_limit: int
+    delay: float
+
+
 @dataclass(frozen=True)
 class Options:
     """Every option; None means "not set here" (a task's value, else the default, applies)."""
@@ -152,6 +162,17 @@ class Options:
             )
         checked = {k: _check(k, v) for k, v in given.items() if v is not None}
         return cls(**checked)
+
+    def settled(self) -> Settled:
+        """The queue, priority, attempts, concurrency limit and delay these options give a job:
+        as set here, else Conveyor's defaults (the one place they are applied)."""
+        return Settled(
+            self.queue or DEFAULT_QUEUE,
+            self.priority or 0,
+            self.max_attempts or DEFAULT_MAX_ATTEMPTS,
+            self.concurrency_limit or 1,
+            self.delay or 0.0,
+        )
 
     def merged(self, override: Options) -> Options:
         """These options with every option set in ``override`` replacing ours."""

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from . import serialization
 from .errors import ConfigurationError, ConveyorError
-from .options import DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, Options, check_arguments, check_name
+from .options import DEFAULT_MAX_ATTEMPTS, Options, check_arguments, check_name
 
 if TYPE_CHECKING:
     from .app import Conveyor, EnqueueRequest, Task
@@ -127,19 +127,20 @@ class JobSpec:
         args, kwargs = check_arguments(args, kwargs, where)
         serialization.dumps(list(args), f"{where} args", max_payload_bytes)
         serialization.dumps(kwargs, f"{where} kwargs", max_payload_bytes)
+        settled = options.settled()
         return cls(
             task=task,
-            queue=options.queue or DEFAULT_QUEUE,
+            queue=settled.queue,
             args=args,
             kwargs=kwargs,
-            priority=options.priority or 0,
-            max_attempts=options.max_attempts or DEFAULT_MAX_ATTEMPTS,
+            priority=settled.priority,
+            max_attempts=settled.max_attempts,
             max_snoozes=options.max_snoozes,
             deadline=options.deadline,
             timeout=options.timeout,
             concurrency_key=options.concurrency_key,
-            concurrency_limit=options.concurrency_limit or 1,
-            delay=options.delay or 0.0,
+            concurrency_limit=settled.concurrency_limit,
+            delay=settled.delay,
             name=name,
         )
 

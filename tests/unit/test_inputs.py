@@ -8,7 +8,14 @@ from datetime import datetime
 import pytest
 
 from conveyor.errors import ConfigurationError, InvalidArgumentsError
-from conveyor.options import Options, check_queue_name, check_task_name
+from conveyor.options import (
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_QUEUE,
+    Options,
+    Settled,
+    check_queue_name,
+    check_task_name,
+)
 from conveyor.serialization import dumps
 
 
@@ -77,3 +84,10 @@ def test_merged_options_override_only_what_is_set() -> None:
     over = Options.build("t", priority=9)
     merged = base.merged(over)
     assert (merged.queue, merged.priority, merged.max_attempts) == ("a", 9, 3)
+
+
+def test_settled_options_are_as_set_else_the_defaults() -> None:
+    assert Options().settled() == Settled(DEFAULT_QUEUE, 0, DEFAULT_MAX_ATTEMPTS, 1, 0.0)
+    given = Options.build("test", queue="mail", priority=-3, max_attempts=9, concurrency_limit=4)
+    assert given.settled() == Settled("mail", -3, 9, 4, 0.0)
+    assert Options.build("test", delay=2.5).settled().delay == 2.5
