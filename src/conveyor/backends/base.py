@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -487,20 +488,33 @@ class Backend(abc.ABC):
 
     # -- queues, workers, stats -----------------------------------------------------------------
     @abc.abstractmethod
+    def _execute(self, query: str, params: dict[str, Any]) -> int:
+        """Run the statement named ``query`` in this backend's queries.sql, in a transaction of
+        its own; the number of rows it touched. (Both backends name these statements alike, so
+        the operations below are written once, here.)"""
+
     def queue_configure(self, name: str, concurrency: int | None) -> None:
         """Set (or clear, with None) a queue's fleet-wide concurrency limit."""
+        self._execute("configure_queue", {"name": name, "limit": concurrency})
 
-    @abc.abstractmethod
     def worker_register(self, info: WorkerInfo) -> None:
         """Record a worker (id, host, pid, queues, concurrency) as started and seen now."""
+        params = {
+            "id": info.id,
+            "host": info.host,
+            "pid": info.pid,
+            "queues": json.dumps(info.queues),
+            "concurrency": info.concurrency,
+        }
+        self._execute("register_worker", params)
 
-    @abc.abstractmethod
     def worker_heartbeat(self, worker_id: str) -> None:
         """Set the worker's last_seen_at to now."""
+        self._execute("worker_seen", {"id": worker_id})
 
-    @abc.abstractmethod
     def worker_deregister(self, worker_id: str) -> None:
         """Mark the worker stopped."""
+        self._execute("worker_stopped", {"id": worker_id})
 
     @abc.abstractmethod
     def worker_list(self) -> list[WorkerInfo]:

@@ -705,25 +705,6 @@ class PostgresBackend(Backend):
                     conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
 
     # -- queues, workers, stats -----------------------------------------------------------------
-    def queue_configure(self, name: str, concurrency: int | None) -> None:
-        self._execute("configure_queue", {"name": name, "limit": concurrency})
-
-    def worker_register(self, info: WorkerInfo) -> None:
-        params = {
-            "id": info.id,
-            "host": info.host,
-            "pid": info.pid,
-            "queues": json.dumps(info.queues),
-            "concurrency": info.concurrency,
-        }
-        self._execute("register_worker", params)
-
-    def worker_heartbeat(self, worker_id: str) -> None:
-        self._execute("worker_seen", {"id": worker_id})
-
-    def worker_deregister(self, worker_id: str) -> None:
-        self._execute("worker_stopped", {"id": worker_id})
-
     def worker_list(self) -> list[WorkerInfo]:
         return [WorkerInfo(**r) for r in self._all("list_workers")]
 

@@ -389,6 +389,9 @@ class SQLiteBackend(Backend):
     def _write_rows(self, query: str, params: dict[str, Any]) -> list[sqlite3.Row]:
         return self._write(lambda c: c.execute(QUERIES[query], params).fetchall())
 
+    def _execute(self, query: str, params: dict[str, Any]) -> int:
+        return self._write(lambda c: int(c.execute(QUERIES[query], params).rowcount))
+
     def _read_jobs(self, query: str, params: dict[str, Any]) -> list[Job]:
         with self._connection() as conn:
             return self._retry_busy(lambda: _job_rows(conn, query, params))
@@ -666,25 +669,6 @@ class SQLiteBackend(Backend):
         return nullcontext(True)
 
     # -- queues, workers, stats -----------------------------------------------------------------
-    def queue_configure(self, name: str, concurrency: int | None) -> None:
-        self._write_rows("configure_queue", {"name": name, "limit": concurrency})
-
-    def worker_register(self, info: WorkerInfo) -> None:
-        params = {
-            "id": info.id,
-            "host": info.host,
-            "pid": info.pid,
-            "queues": json.dumps(info.queues),
-            "concurrency": info.concurrency,
-        }
-        self._write_rows("register_worker", params)
-
-    def worker_heartbeat(self, worker_id: str) -> None:
-        self._write_rows("worker_seen", {"id": worker_id})
-
-    def worker_deregister(self, worker_id: str) -> None:
-        self._write_rows("worker_stopped", {"id": worker_id})
-
     def worker_list(self) -> list[WorkerInfo]:
         return [WorkerInfo(**_convert(r)) for r in self._read("list_workers")]
 
