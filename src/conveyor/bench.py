@@ -290,8 +290,12 @@ def phase_drain(url: str, log: str, s: BenchSettings) -> DrainResult:
                 rss = [_rss_mb(p.pid) for p in procs]
                 if all(r is not None for r in rss):
                     samples.append(sum(r for r in rss if r is not None))
-            if any(p.poll() is not None for p in procs):
-                raise ConveyorError("bench: a worker process exited during the drain")
+            for p in procs:
+                if p.poll() is not None:
+                    raise ConveyorError(
+                        f"bench: worker process {p.pid} exited with status {p.returncode} "
+                        "during the drain"
+                    )
             return len(executions.rows()) >= s.jobs
 
         try:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conveyor import bench
+from conveyor import Conveyor, bench
 from conveyor.bench import BenchSettings, _by_tenth, _ExecutionLog, fresh_database, run_bench
-from conveyor.errors import ConfigurationError
+from conveyor.errors import ConfigurationError, ConveyorError
 
 from .support import conveyor
 
@@ -105,3 +107,23 @@ def test_the_execution_log_is_read_incrementally(tmp_path: Path) -> None:
     second.write_bytes(b"4 12.0\n")
     assert sorted(log.rows()) == [(1, 10.5), (2, 10.75), (3, 11.25), (4, 12.0)]
     assert len(log.rows()) == 4  # nothing read twice
+
+
+def test_a_worker_that_exits_during_the_drain_ends_the_bench_at_once(
+    sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The drain does not wait out its timeout for jobs that no worker is left to run."""
+
+    def doomed(*args: object) -> list[subprocess.Popen[bytes]]:
+        return [subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])]
+
+    monkeypatch.setattr(bench, "_start_workers", doomed)
+    with fresh_database(sqlite_url) as url:
+        driver = Conveyor(url)
+        driver.migrate()
+        bench.phase_enqueue(driver, 5)
+        driver.close()
+        started = time.monotonic()
+        with pytest.raises(ConveyorError, match=r"exited with status 3 during the drain"):
+            bench.phase_drain(url, str(tmp_path / "exec"), BenchSettings(url, jobs=5))
+    assert time.monotonic() - started < 30
