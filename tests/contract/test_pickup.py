@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import pytest
 
@@ -27,6 +30,23 @@ def _other_process_app(url: str) -> Conveyor:
         return n
 
     return other
+
+
+@contextmanager
+def _explained_beside_a_due_listener(db_url: str) -> Iterator[tuple[Any, Any, list[str]]]:
+    """PostgreSQL: a connection listening on the schema's due channel, and a connection configured
+    as Conveyor's are whose every statement's plan, nested ones too, is collected."""
+    import psycopg
+
+    from conveyor.backends.postgres import _configure
+
+    with (
+        psycopg.connect(db_url, autocommit=True) as listener,
+        psycopg.connect(db_url, autocommit=True) as conn,
+    ):
+        listen(listener, schema_channel(listener, DUE_CHANNEL))
+        _configure(conn)
+        yield listener, conn, explain_everything(conn)
 
 
 def _app_with_task(app: Conveyor) -> None:
@@ -194,15 +214,9 @@ def test_the_listener_connection_warms_up_its_claims_without_a_trace(
         pytest.skip("PostgreSQL's listener connection")
     import psycopg
 
-    from conveyor.backends.postgres import _configure, _warm_up_claims
+    from conveyor.backends.postgres import _warm_up_claims
 
-    with (
-        psycopg.connect(db_url, autocommit=True) as listener,
-        psycopg.connect(db_url, autocommit=True) as conn,
-    ):
-        listen(listener, schema_channel(listener, DUE_CHANNEL))
-        _configure(conn)
-        plans = explain_everything(conn)
+    with _explained_beside_a_due_listener(db_url) as (listener, conn, plans):
         _warm_up_claims(conn)
         assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
         history = conn.execute("SELECT count(*) FROM conveyor_history").fetchone()
@@ -278,18 +292,8 @@ def test_an_enqueue_names_its_channel_without_a_catalog_query(app: Conveyor, db_
     idle machine's 2.5 ms enqueue."""
     if is_sqlite(db_url):
         pytest.skip("SQLite has no LISTEN/NOTIFY")
-    import psycopg
-
-    from conveyor.backends.postgres import _configure
-
     _app_with_task(app)
-    with (
-        psycopg.connect(db_url, autocommit=True) as listener,
-        psycopg.connect(db_url, autocommit=True) as conn,
-    ):
-        listen(listener, schema_channel(listener, DUE_CHANNEL))
-        _configure(conn)
-        plans = explain_everything(conn)
+    with _explained_beside_a_due_listener(db_url) as (listener, conn, plans):
         app.tasks["pickup.noop"].enqueue(1, connection=conn)
         heard = [n.payload for n in listener.notifies(timeout=5, stop_after=1)]
     assert heard == ["default"]  # the statement explained did notify
