@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from conveyor import Conveyor, JobState
+from conveyor import Conveyor, Job, JobState
 from conveyor.backends.postgres.listener import DUE_CHANNEL, listen, schema_channel
 from conveyor.states import succeed
 
@@ -47,6 +47,15 @@ def _explained_beside_a_due_listener(db_url: str) -> Iterator[tuple[Any, Any, li
         listen(listener, schema_channel(listener, DUE_CHANNEL))
         _configure(conn)
         yield listener, conn, explain_everything(conn)
+
+
+def _run_one_by_hand(app: Conveyor) -> Job:
+    """Enqueue a pickup.noop job, claim it and write its success as a worker would: a due and a
+    finished notification, on the app's schema's channels."""
+    job = app.tasks["pickup.noop"].enqueue(1)
+    (claimed,) = app.backend.job_fetch_available("w", ["default"], 1, 30)
+    app.backend.job_finish_many("w", [succeed(claimed, "1")])
+    return job
 
 
 def _app_with_task(app: Conveyor) -> None:
@@ -271,9 +280,7 @@ def test_conveyors_in_two_schemas_of_one_database_do_not_hear_each_other(
                 assert mine != its
                 listen(ours, mine)
                 listen(theirs, its)
-            job = other.tasks["pickup.noop"].enqueue(1)
-            (claimed,) = other.backend.job_fetch_available("w", ["default"], 1, 30)
-            other.backend.job_finish_many("w", [succeed(claimed, "1")])
+            job = _run_one_by_hand(other)
             # theirs heard it all (the control): due, then finished; ours heard nothing
             heard = {(n.channel, n.payload) for n in theirs.notifies(timeout=5, stop_after=2)}
             assert heard == {
@@ -331,9 +338,7 @@ def test_a_schema_whose_name_needs_quoting_hears_its_own_notifications() -> None
             assert (due, state) == (f"{DUE_CHANNEL}_{oid}", f"{CHANNEL}_{oid}")
             listen(listener, due)
             listen(listener, state)
-            job = app.tasks["pickup.noop"].enqueue(1)
-            (claimed,) = app.backend.job_fetch_available("w", ["default"], 1, 30)
-            app.backend.job_finish_many("w", [succeed(claimed, "1")])
+            job = _run_one_by_hand(app)
             heard = {(n.channel, n.payload) for n in listener.notifies(timeout=5, stop_after=2)}
         assert heard == {(due, "default"), (state, str(job.id))}
     finally:
