@@ -627,10 +627,11 @@ class Worker:
 
     async def _vacuum_once(self) -> None:
         # Idle (waiting for work, nothing running): a lower bar, so that a burst's dead rows go
-        # before the next jobs' claims step over them.
+        # before the next jobs' claims step over them, and a paced vacuum, so that the jobs that
+        # arrive meanwhile are picked up as fast as ever.
         idle = self._parked > 0 and not self._attempts
         min_dead = min(self.vacuum_min_dead, IDLE_MIN_DEAD) if idle else self.vacuum_min_dead
-        await self._db(Vacuum(self.app.backend, min_dead).run_once)
+        await self._db(Vacuum(self.app.backend, min_dead, gentle=idle).run_once)
 
     async def _prune_once(self) -> None:
         assert self.prune_interval is not None

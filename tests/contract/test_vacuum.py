@@ -5,6 +5,10 @@ leave in the jobs table once there are enough of them; SQLite keeps none, so it 
 
 from __future__ import annotations
 
+import asyncio
+import threading
+from typing import Any
+
 import pytest
 
 from conveyor import Conveyor
@@ -103,3 +107,71 @@ def test_the_vacuum_merges_the_history_index_pending_list(app: Conveyor, raw: Ra
     _churn(app, 5)
     assert raw.scalar(merge) > 0  # pending again, until merged
     assert [e.to_state for e in app.job_history(ids[0])] == ["queued", "running", "succeeded"]
+
+
+def test_a_gentle_vacuum_is_paced_and_leaves_its_connection_as_it_was(
+    app: Conveyor, raw: RawDB
+) -> None:
+    """PostgreSQL: a gentle vacuum sleeps between rounds of page accesses, as autovacuum does
+    (seen as the VacuumDelay wait in pg_stat_activity while it runs), and resets the pooled
+    connection's vacuum_cost_delay afterwards."""
+    if is_sqlite(app.url):
+        pytest.skip("SQLite keeps no dead row versions")
+    from conveyor.backends.postgres import PostgresBackend
+
+    _churn(app, 10_000)
+    backend = PostgresBackend(app.url, min_size=1, max_size=1)  # one connection: the one used
+    done = threading.Event()
+    result: list[bool] = []
+
+    def vacuum() -> None:
+        try:
+            result.append(backend.jobs_vacuum(0, gentle=True))
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=vacuum)
+    thread.start()
+    paced = False
+    delay = "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'VacuumDelay'"
+    while not done.is_set() and not paced:  # sampled as fast as it goes, while it runs
+        paced = raw.scalar(delay) > 0
+    thread.join(timeout=60)
+    try:
+        assert paced, "the vacuum never slept between rounds of page accesses"
+        assert result == [True]
+        with backend._conn() as conn:
+            setting = conn.execute("SHOW vacuum_cost_delay").fetchone()["vacuum_cost_delay"]
+        assert setting == "0"
+    finally:
+        backend.close()
+
+
+def test_a_worker_vacuums_gently_while_idle_and_at_full_speed_while_busy(
+    app: Conveyor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The vacuum of a worker waiting for work (parked, nothing running) is the gentle one, so
+    that the pickups of the jobs arriving during it are not slowed by it; a busy worker's is not
+    paced, so that it ends sooner."""
+    import conveyor.worker
+
+    asked: list[bool] = []
+
+    class Recorded(Vacuum):
+        def run_once(self, now: Any = None) -> bool:
+            asked.append(self.gentle)
+            return False
+
+    async def inline(fn: Any, *args: Any) -> Any:
+        return fn(*args)
+
+    monkeypatch.setattr(conveyor.worker, "Vacuum", Recorded)
+    worker = conveyor.worker.Worker(app)
+    monkeypatch.setattr(worker, "_db", inline)
+    worker._parked = 4  # waiting for work with four free slots
+    asyncio.run(worker._vacuum_once())
+    worker._parked = 0  # claiming, or every slot taken
+    asyncio.run(worker._vacuum_once())
+    worker._parked, worker._attempts[1] = 4, object()  # type: ignore[assignment]  # a job runs
+    asyncio.run(worker._vacuum_once())
+    assert asked == [True, False, False]

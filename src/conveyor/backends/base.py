@@ -470,14 +470,16 @@ class Backend(abc.ABC):
         run was recorded or the last one started at least ``interval`` seconds before ``now``;
         else False. Atomic: of concurrent callers, at most one wins per interval."""
 
-    def jobs_vacuum(self, min_dead: int) -> bool:
+    def jobs_vacuum(self, min_dead: int, gentle: bool = False) -> bool:
         """Reclaim the jobs table's dead row versions when it holds at least ``min_dead`` of them
         (and a twentieth as many as live ones); True if it did. Every claim and every outcome
         leaves one behind on PostgreSQL (MVCC), and an entry in the claim index that each later
         claim steps over until VACUUM removes it. Never blocks claims or writes, and skips its
-        turn while another process vacuums the table. It may do the other chores of the hot
-        path's storage as well (PostgreSQL: merge the history index's pending list). The
-        default, for stores that keep no dead versions (SQLite): False."""
+        turn while another process vacuums the table. ``gentle``: paced as autovacuum paces
+        itself (PostgreSQL: a cost-based delay), longer but leaving the machine to the jobs that
+        arrive meanwhile. It may do the other chores of the hot path's storage as well
+        (PostgreSQL: merge the history index's pending list). The default, for stores that keep
+        no dead versions (SQLite): False."""
         return False
 
     @abc.abstractmethod

@@ -30,14 +30,21 @@ IDLE_MIN_DEAD = 1_000
 
 
 class Vacuum:
-    def __init__(self, backend: Backend, min_dead: int = DEFAULT_MIN_DEAD) -> None:
+    """``gentle``: paced (see ``Backend.jobs_vacuum``), for an idle worker, whose vacuum would
+    otherwise slow the pickups of the jobs that arrive while it runs; a busy worker's vacuum is
+    not paced, so that it ends sooner."""
+
+    def __init__(
+        self, backend: Backend, min_dead: int = DEFAULT_MIN_DEAD, gentle: bool = False
+    ) -> None:
         self.backend = backend
         self.min_dead = min_dead
+        self.gentle = gentle
 
     def run_once(self, now: datetime | None = None) -> bool:
         """Vacuum the jobs table if it holds at least ``min_dead`` dead rows; True if it did.
         (``now`` is not used: the server's own count says when.)"""
-        vacuumed = self.backend.jobs_vacuum(self.min_dead)
+        vacuumed = self.backend.jobs_vacuum(self.min_dead, self.gentle)
         if vacuumed:
             logger.info("vacuumed the jobs table (at least %d dead row versions)", self.min_dead)
         return vacuumed
