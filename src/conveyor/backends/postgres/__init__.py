@@ -679,10 +679,10 @@ class PostgresBackend(Backend):
                     skipped.append(diag.message_primary)
 
             conn.add_notice_handler(on_notice)
-            if gentle:  # session-wide (VACUUM runs outside transactions), so reset below
-                delay = str(GENTLE_VACUUM_COST_DELAY_MS)
-                conn.execute("SELECT set_config('vacuum_cost_delay', %s, false)", (delay,))
             try:
+                if gentle:  # session-wide (VACUUM runs outside transactions): reset below
+                    delay = str(GENTLE_VACUUM_COST_DELAY_MS)
+                    conn.execute("SELECT set_config('vacuum_cost_delay', %s, false)", (delay,))
                 # SKIP_LOCKED: not behind another VACUUM of it (autovacuum, another worker)
                 conn.execute("VACUUM (SKIP_LOCKED, INDEX_CLEANUP ON) conveyor_jobs")
             finally:
