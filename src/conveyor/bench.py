@@ -42,6 +42,7 @@ from urllib.parse import quote, urlsplit
 from . import __version__
 from .app import Conveyor, EnqueueRequest
 from .backends.sqlite import path_from_url
+from .bench_settings import BenchSettings
 from .errors import ConfigurationError, ConveyorError
 from .options import Options
 
@@ -67,19 +68,6 @@ def record(n: int) -> None:
         path = f"{os.environ[LOG_ENV]}.{os.getpid()}"
         _fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.write(_fd, b"%d %.6f\n" % (n, t))
-
-
-@dataclass(frozen=True)
-class BenchSettings:
-    database: str
-    jobs: int = 20_000
-    processes: int = 1
-    concurrency: int = 2000
-    batch_size: int = 1000
-    poll_interval: float = 0.05
-    latency_jobs: int = 200
-    latency_rounds: int = 3
-    latency_gap: float = 0.02
 
 
 # -- fresh database -----------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .app import Conveyor
+from .bench_settings import BenchSettings as Bench
 from .errors import ConfigurationError, ConveyorError
 from .job import Job, JobEvent, JobState
 from .pipelines import Pipeline, PipelineState
@@ -726,26 +727,39 @@ def demo(database: str, n_jobs: int, concurrency: int) -> None:
 @main.command()
 @click.option("--database", "-d", required=True, envvar="CONVEYOR_DATABASE_URL", metavar="URL",
               help="Where to run: a fresh schema (PostgreSQL) or file beside it (SQLite) is used and removed.")  # fmt: skip
-@click.option("--jobs", "-n", default=20_000, show_default=True, type=click.IntRange(1, 10_000_000))
-@click.option("--processes", "-p", default=1, show_default=True, type=click.IntRange(1, 64))
+@click.option(
+    "--jobs", "-n", default=Bench.jobs, show_default=True, type=click.IntRange(1, 10_000_000)
+)
+@click.option(
+    "--processes", "-p", default=Bench.processes, show_default=True, type=click.IntRange(1, 64)
+)
 @click.option(
     "--concurrency",
     "-c",
-    default=2000,
+    default=Bench.concurrency,
     show_default=True,
     type=click.IntRange(1, 10_000),
     help="Each worker's slots (no-op jobs: enough for two claims in flight).",
 )
 @click.option(
     "--batch-size",
-    default=1000,
+    default=Bench.batch_size,
     show_default=True,
     type=click.IntRange(1, 10_000),
     help="The workers' --batch-size: most jobs per claim and outcomes per write.",
 )
-@click.option("--poll-interval", default=0.05, show_default=True, type=click.FloatRange(min=0.001))
-@click.option("--latency-jobs", default=200, show_default=True, type=click.IntRange(1, 100_000))
-@click.option("--latency-rounds", default=3, show_default=True, type=click.IntRange(1, 100))
+@click.option(
+    "--poll-interval",
+    default=Bench.poll_interval,
+    show_default=True,
+    type=click.FloatRange(min=0.001),
+)
+@click.option(
+    "--latency-jobs", default=Bench.latency_jobs, show_default=True, type=click.IntRange(1, 100_000)
+)
+@click.option(
+    "--latency-rounds", default=Bench.latency_rounds, show_default=True, type=click.IntRange(1, 100)
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def bench(
     database: str,
@@ -759,9 +773,9 @@ def bench(
     as_json: bool,
 ) -> None:
     """Measure enqueue rate, drain rate and pickup latency (the peerbench method)."""
-    from .bench import BenchSettings, format_result, run_bench
+    from .bench import format_result, run_bench
 
-    settings = BenchSettings(
+    settings = Bench(
         database=database,
         jobs=jobs,
         processes=processes,
