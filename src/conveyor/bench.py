@@ -7,7 +7,11 @@ Phases, each on a fresh database (SQLite) or schema (PostgreSQL) that is removed
   started; from the first job start to the first 10 ms poll that sees no unfinished job (the
   database is polled once every job has started; before, the execution logs are);
 * latency: one idle worker process; rounds of single enqueues ``gap`` apart after 1 s idle;
-  latency = job start minus the start of the enqueue call; p50 and p99.
+  latency = job start minus the start of the enqueue call; p50 and p99;
+* ceiling (``--ceiling`` only): N more jobs; two processes per worker process (a worker claims
+  on one connection while it writes outcomes on another) that call the backend's claim and
+  outcome methods back to back, with no event loop, no tasks and no job around them, until the
+  queue is empty: about the most a worker could drain with this backend, database and machine.
 
 The job records its id and a CLOCK_MONOTONIC timestamp with one O_APPEND write to a per-process
 log, so counting executions adds no database load; ``executed_once`` is counted from those logs.
@@ -22,7 +26,9 @@ from __future__ import annotations
 import compileall
 import contextlib
 import datetime as dt
+import multiprocessing
 import os
+import queue
 import shutil
 import signal
 import sqlite3
@@ -30,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
@@ -45,10 +52,12 @@ from .backends.sqlite import path_from_url
 from .bench_settings import BenchSettings
 from .errors import ConfigurationError, ConveyorError
 from .options import Options
+from .states import succeed
 
 URL_ENV = "CONVEYOR_BENCH_URL"
 LOG_ENV = "CONVEYOR_BENCH_LOG"
 QUEUE = "bench"
+CEILING_QUEUE = "bench-ceiling"
 TASK = "conveyor.bench.noop"
 
 app = Conveyor(os.environ.get(URL_ENV) or os.environ.get("CONVEYOR_DATABASE_URL"))
@@ -134,6 +143,11 @@ class _Probe:
             self.conn.execute("ANALYZE")
             self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
+    def vacuum(self) -> None:
+        """VACUUM the jobs table (PostgreSQL): the dead rows of earlier phases go."""
+        if self.postgres:
+            self.conn.execute("VACUUM conveyor_jobs")
+
     def close(self) -> None:
         self.conn.close()
 
@@ -209,8 +223,8 @@ def _wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.01)
         time.sleep(interval)
 
 
-def _requests(ids: range) -> list[EnqueueRequest]:
-    opts = Options(queue=QUEUE)
+def _requests(ids: range, queue: str = QUEUE) -> list[EnqueueRequest]:
+    opts = Options(queue=queue)
     return [EnqueueRequest(TASK, (i,), {}, opts) for i in ids]
 
 
@@ -349,6 +363,75 @@ def phase_latency(driver: Conveyor, url: str, log: str, s: BenchSettings) -> Lat
     return LatencyResult(pickups, sorted(calls), rows)
 
 
+def _ceiling_process(url: str, worker_id: str, batch_size: int, start: Any, counts: Any) -> None:
+    """One process of the ceiling phase: claim and succeed jobs back to back until none is left;
+    puts (jobs claimed, outcomes applied) on ``counts``."""
+    driver = Conveyor(url)
+    try:
+        backend = driver.backend
+        start.wait()
+        claimed = applied = 0
+        while jobs := backend.job_fetch_available(worker_id, [CEILING_QUEUE], batch_size, 60.0):
+            claimed += len(jobs)
+            applied += len(backend.job_finish_many(worker_id, [succeed(j, "null") for j in jobs]))
+        counts.put((claimed, applied))
+    finally:
+        driver.close()
+
+
+def phase_ceiling(driver: Conveyor, url: str, s: BenchSettings) -> float:
+    """Jobs/s of the ceiling phase (see the module's doc): from the moment every process is
+    connected and ready until the last one finds the queue empty. Every job must be claimed and
+    finished exactly once, or ConveyorError."""
+    driver.enqueue_many(_requests(range(s.jobs), CEILING_QUEUE))
+    probe = _Probe(url)
+    try:
+        probe.vacuum()  # as fresh as the drain's table
+        probe.settle()
+    finally:
+        probe.close()
+    ctx = multiprocessing.get_context("spawn")  # no fork of this process's pool threads
+    start = ctx.Barrier(2 * s.processes + 1, timeout=120)
+    counts = ctx.Queue()
+    procs = [
+        ctx.Process(
+            target=_ceiling_process,
+            args=(url, f"bench-ceiling-{i}", s.batch_size, start, counts),
+            daemon=True,
+        )
+        for i in range(2 * s.processes)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        try:
+            start.wait()
+        except threading.BrokenBarrierError:
+            raise ConveyorError(
+                "bench: the ceiling processes did not all get ready within 120 s"
+            ) from None
+        t0 = time.monotonic()
+        done: list[tuple[int, int]] = []
+        while len(done) < len(procs):
+            with contextlib.suppress(queue.Empty):
+                done.append(counts.get(timeout=0.5))
+                continue
+            if any(p.exitcode not in (None, 0) for p in procs):
+                raise ConveyorError("bench: a ceiling process failed (see its traceback above)")
+        elapsed = time.monotonic() - t0
+    finally:
+        for p in procs:
+            p.join(timeout=15)
+            if p.is_alive():
+                p.kill()
+    claimed, applied = sum(c for c, _ in done), sum(a for _, a in done)
+    if claimed != s.jobs or applied != s.jobs:
+        raise ConveyorError(
+            f"bench: the ceiling phase claimed {claimed} and finished {applied} of {s.jobs} jobs"
+        )
+    return s.jobs / elapsed
+
+
 def _percentile(values: list[float], p: float) -> float:
     return (
         statistics.quantiles(values, n=100, method="inclusive")[int(p) - 1]
@@ -368,6 +451,7 @@ def run_bench(s: BenchSettings) -> dict[str, Any]:
             enqueue_per_s = phase_enqueue(driver, s.jobs)
             drain = phase_drain(url, log, s)
             latency = phase_latency(driver, url, log, s)
+            ceiling = phase_ceiling(driver, url, s) if s.ceiling else None
             counts = Counter(n for n, _ in latency.executions)
             driver.close()
     finally:
@@ -389,6 +473,8 @@ def run_bench(s: BenchSettings) -> dict[str, Any]:
         "enqueue_call_p50_ms": round(_percentile(latency.enqueue_calls, 50), 2),
         "enqueue_call_p99_ms": round(_percentile(latency.enqueue_calls, 99), 2),
         "executed_once": executed_once,
+        # the backend's own claim and outcome calls, no worker (--ceiling; else None)
+        "ceiling_per_s": None if ceiling is None else round(ceiling, 1),
         "executions": sum(counts.values()),
         "expected_executions": expected,
         "settings": {k: v for k, v in asdict(s).items() if k != "database"},
@@ -411,6 +497,12 @@ def format_result(result: dict[str, Any]) -> str:
         f" p99 {result['enqueue_call_p99_ms']:.2f} ms)\n"
         f"  executed exactly once: {result['executed_once']} "
         f"({result['executions']}/{result['expected_executions']})"
+        + (
+            ""
+            if result["ceiling_per_s"] is None
+            else f"\n  ceiling  {result['ceiling_per_s']:>10,.0f} jobs/s"
+            " (the backend's claim and outcome calls alone, no worker)"
+        )
     )
 
 

@@ -19,3 +19,5 @@ class BenchSettings:
     latency_jobs: int = 200
     latency_rounds: int = 3
     latency_gap: float = 0.02
+    #: Also measure the ceiling: the backend's claim and outcome calls alone (see bench.py).
+    ceiling: bool = False

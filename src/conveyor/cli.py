@@ -760,6 +760,12 @@ def demo(database: str, n_jobs: int, concurrency: int) -> None:
 @click.option(
     "--latency-rounds", default=Bench.latency_rounds, show_default=True, type=click.IntRange(1, 100)
 )
+@click.option(
+    "--ceiling",
+    is_flag=True,
+    help="Also measure the ceiling: 2 x P processes calling the backend's claim and outcome "
+    "methods back to back on N more jobs, with no worker around them.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def bench(
     database: str,
@@ -770,6 +776,7 @@ def bench(
     poll_interval: float,
     latency_jobs: int,
     latency_rounds: int,
+    ceiling: bool,
     as_json: bool,
 ) -> None:
     """Measure enqueue rate, drain rate and pickup latency (the peerbench method)."""
@@ -784,6 +791,7 @@ def bench(
         poll_interval=poll_interval,
         latency_jobs=latency_jobs,
         latency_rounds=latency_rounds,
+        ceiling=ceiling,
     )
     result = run_bench(settings)
     click.echo(json.dumps(result) if as_json else format_result(result))

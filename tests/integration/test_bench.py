@@ -25,7 +25,7 @@ def test_bench_command_prints_one_json_object(db_url: str) -> None:
     base = db_url.split("?")[0] if db_url.startswith("postgres") else db_url
     done = conveyor(
         "bench", "--database", base, "--jobs", "600", "--processes", "2", "--concurrency", "20",
-        "--latency-jobs", "10", "--latency-rounds", "1", "--json", timeout=120,
+        "--latency-jobs", "10", "--latency-rounds", "1", "--ceiling", "--json", timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads(done.stdout)
@@ -40,6 +40,7 @@ def test_bench_command_prints_one_json_object(db_url: str) -> None:
     assert result["enqueue_call_p50_ms"] < result["latency_p99_ms"]
     assert len(result["drain_per_s_by_tenth"]) == 10
     assert all(rate >= 0 for rate in result["drain_per_s_by_tenth"])
+    assert result["ceiling_per_s"] > 0 and result["settings"]["ceiling"] is True
 
 
 def test_drain_rate_by_tenth_splits_the_execution_times_in_ten() -> None:
@@ -127,3 +128,33 @@ def test_a_worker_that_exits_during_the_drain_ends_the_bench_at_once(
         with pytest.raises(ConveyorError, match=r"exited with status 3 during the drain"):
             bench.phase_drain(url, str(tmp_path / "exec"), BenchSettings(url, jobs=5))
     assert time.monotonic() - started < 30
+
+
+def test_the_ceiling_claims_and_finishes_every_job_exactly_once(db_url: str) -> None:
+    """Four processes (two per worker process) claim and succeed the ceiling's jobs, and nothing
+    else: each job once (attempt 1), none left; the drain's queue is not touched."""
+    base = db_url.split("?")[0] if db_url.startswith("postgres") else db_url
+    with fresh_database(base) as url:
+        driver = Conveyor(url)
+        driver.migrate()
+        other = driver.enqueue_many(bench._requests(range(3)))
+        settings = BenchSettings(url, jobs=400, processes=2, batch_size=25)
+        assert bench.phase_ceiling(driver, url, settings) > 0
+        jobs = driver.list_jobs(queue=bench.CEILING_QUEUE, limit=1000)
+        assert len(jobs) == 400
+        assert {(j.state, j.attempt) for j in jobs} == {("succeeded", 1)}
+        assert {j.lease_owner for j in jobs} == {None}
+        assert {driver.get_job(j.id).state for j in other} == {"queued"}
+        driver.close()
+
+
+def test_the_ceiling_counts_what_its_processes_took(sqlite_url: str) -> None:
+    """The rate stands only if the processes claimed and finished exactly the phase's jobs: five
+    more in its queue (enqueued before it) make it an error, not a rate."""
+    with fresh_database(sqlite_url) as url:
+        driver = Conveyor(url)
+        driver.migrate()
+        driver.enqueue_many(bench._requests(range(5), bench.CEILING_QUEUE))
+        with pytest.raises(ConveyorError, match="claimed 25 and finished 25 of 20 jobs"):
+            bench.phase_ceiling(driver, url, BenchSettings(url, jobs=20, batch_size=5))
+        driver.close()
