@@ -697,17 +697,27 @@ def pipelines_cancel(app: Conveyor, pipeline_id: int) -> None:
 @with_app()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def prune(app: Conveyor, as_json: bool) -> None:
-    """Delete finished jobs and history past the app's retention now (workers also do this
-    periodically). With --app, its Conveyor(retention=...) applies; else the defaults."""
+    """Delete finished jobs, history, finished pipelines and completed batches past the app's
+    retention now (workers also do this periodically). With --app, its Conveyor(retention=...)
+    applies; else the defaults."""
     result = Pruner(app.backend, app.retention).run_once()
     if as_json:
-        data = {"jobs": result.jobs, "events": result.events, "skipped": result.skipped}
+        data = {
+            "jobs": result.jobs,
+            "events": result.events,
+            "pipelines": result.pipelines,
+            "batches": result.batches,
+            "skipped": result.skipped,
+        }
         click.echo(json.dumps(data))
     elif result.skipped:
         click.echo("skipped: another process is pruning")
     else:
         per_state = ", ".join(f"{n} {state}" for state, n in result.jobs.items())
-        click.echo(f"pruned {result.total_jobs} jobs ({per_state}) and {result.events} events")
+        click.echo(
+            f"pruned {result.total_jobs} jobs ({per_state}), {result.events} events, "
+            f"{result.pipelines} pipelines and {result.batches} batches"
+        )
 
 
 @main.command()

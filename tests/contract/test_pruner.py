@@ -1,6 +1,6 @@
-"""Retention: the pruner deletes finished jobs (with their history) and old history past their
-retention, nothing else, in bounded batches; two pruners at once are safe; one worker of the fleet
-prunes per interval."""
+"""Retention: the pruner deletes finished jobs (with their history), old history, and finished
+pipelines and completed batches that no job is left of, past their retention, nothing else, in
+bounded batches; two pruners at once are safe; one worker of the fleet prunes per interval."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from conveyor import ConfigurationError, Conveyor, JobState, Worker
 from conveyor.backends.base import NewJob
 from conveyor.cli import main
+from conveyor.pipelines import BatchNotFoundError, PipelineNotFoundError
 from conveyor.services.pruner import DAY, Pruner, PruneResult, Retention
 from conveyor.states import Backoff, cancel, fail, succeed
 
@@ -81,6 +82,78 @@ def test_pruner_deletes_only_what_is_past_retention(app: Conveyor, raw: RawDB) -
     assert raw.scalar("SELECT count(*) FROM conveyor_job_events") == 0
 
 
+def _pipeline_exists(app: Conveyor, pipeline_id: int) -> bool:
+    try:
+        app.get_pipeline(pipeline_id)
+    except PipelineNotFoundError:
+        return False
+    return True
+
+
+def _batch_exists(app: Conveyor, batch_id: int) -> bool:
+    try:
+        app.get_batch(batch_id)
+    except BatchNotFoundError:
+        return False
+    return True
+
+
+def test_finished_pipelines_and_batches_go_past_retention_once_their_jobs_have(
+    app: Conveyor,
+) -> None:
+    """A pipeline or batch is pruned when it ended past its retention (30 days by default) and
+    none of its jobs is left; running pipelines and batches not completed stay, however old."""
+
+    @app.task(name="pr.step")
+    def step(n: int = 0) -> int:
+        return n + 1
+
+    definition = app.pipeline("pr.two-steps", [step.step(name="one"), step.step(name="two")])
+    done, batch = definition.start(), app.batch([step.request(1), step.request(2)])
+    app.drain()
+    assert app.get_pipeline(done.id).state == "succeeded" and app.get_batch(batch.id).complete
+    running, open_batch = definition.start(), app.batch([step.request(3)])  # never run
+    pruner = Pruner(app.backend)
+
+    first = pruner.run_once(_later(app, 29))  # the jobs go (7 days), the flows stay (30)
+    assert (first.jobs["succeeded"], first.pipelines, first.batches) == (4, 0, 0)
+    assert app.flows.pipeline_jobs(done.id) == [] and app.flows.batch_jobs(batch.id) == []
+    assert _pipeline_exists(app, done.id) and _batch_exists(app, batch.id)
+
+    month = pruner.run_once(_later(app, 30.1))
+    assert (month.pipelines, month.batches) == (1, 1)
+    assert not _pipeline_exists(app, done.id) and not _batch_exists(app, batch.id)
+    assert pruner.run_once(_later(app, 3650)).pipelines == 0  # never the running ones
+    assert _pipeline_exists(app, running.id) and _batch_exists(app, open_batch.id)
+    assert app.get_pipeline(running.id).state == "running"
+
+
+def test_a_pipeline_or_batch_stays_while_any_of_its_jobs_does(app: Conveyor) -> None:
+    @app.task(name="pr.fails")
+    def fails() -> None:
+        raise RuntimeError("no")
+
+    failed = app.pipeline("pr.fails", [fails.step(max_attempts=1)]).start()
+    batch = app.batch([fails.options(max_attempts=1).request()])
+    app.drain()
+    assert app.get_pipeline(failed.id).state == "failed" and app.get_batch(batch.id).complete
+    (dead,) = app.flows.pipeline_jobs(failed.id)
+    assert dead.state == "dead"
+    retention = Retention(dead=None, pipelines=DAY, batches=DAY)  # dead jobs kept for ever
+    pruner = Pruner(app.backend, retention)
+
+    kept = pruner.run_once(_later(app, 365))
+    assert (kept.pipelines, kept.batches) == (0, 0)
+    assert _pipeline_exists(app, failed.id) and _batch_exists(app, batch.id)
+    for job in [dead, *app.flows.batch_jobs(batch.id)]:
+        assert app.delete_job(job.id)
+    gone = pruner.run_once(_later(app, 365))
+    assert (gone.pipelines, gone.batches) == (1, 1)
+    assert not _pipeline_exists(app, failed.id) and not _batch_exists(app, batch.id)
+    forever = Retention(pipelines=None, batches=None)
+    assert Pruner(app.backend, forever).run_once(_later(app, 3650)).statements == 4
+
+
 def test_retention_is_configurable_per_state(app: Conveyor) -> None:
     succeeded, dead, cancelled = _finished(app, S), _finished(app, D), _finished(app, C)
     retention = Retention(succeeded=timedelta(hours=1), cancelled=None, dead=2 * DAY, events=None)
@@ -98,7 +171,10 @@ def test_retention_and_pruner_reject_bad_settings(app: Conveyor) -> None:
     for bad in (0, -1, "7d", True, timedelta(0)):
         with pytest.raises(ConfigurationError, match="retention succeeded="):
             Retention(succeeded=bad)  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError, match="retention batches="):
+            Retention(batches=bad)  # type: ignore[arg-type]
     assert Retention(dead=timedelta(days=2)).dead == 2 * DAY
+    assert Retention(pipelines=timedelta(hours=1)).pipelines == 3600.0
     with pytest.raises(ConfigurationError, match="batch_size"):
         Pruner(app.backend, batch_size=0)
     with pytest.raises(ConfigurationError, match="retention must be"):
@@ -136,7 +212,7 @@ def test_pruner_deletes_in_bounded_batches(app: Conveyor) -> None:
         ("events", 10, 0),
     ]
     assert result.jobs == {"succeeded": 25, "cancelled": 0, "dead": 10}
-    assert result.statements == 7
+    assert result.statements == 9  # with one for pipelines and one for batches
     assert not any(job_exists(app, i) for i in [*succeeded, *dead])
 
 
@@ -204,7 +280,9 @@ def test_conveyor_prune_runs_one_pass_now(app: Conveyor, db_url: str) -> None:
     runner = CliRunner()
     fresh = runner.invoke(main, ["prune", "--database", db_url])
     assert fresh.exit_code == 0, fresh.output
-    assert fresh.output == "pruned 0 jobs (0 succeeded, 0 cancelled, 0 dead) and 0 events\n"
+    assert fresh.output == (
+        "pruned 0 jobs (0 succeeded, 0 cancelled, 0 dead), 0 events, 0 pipelines and 0 batches\n"
+    )
     raw = RawDB(app)
     try:  # make the jobs 8 days old, as the database sees it
         then = raw.ts(app.backend.db_now() - timedelta(days=8))
@@ -219,6 +297,8 @@ def test_conveyor_prune_runs_one_pass_now(app: Conveyor, db_url: str) -> None:
     assert json.loads(as_json.output) == {
         "jobs": {"succeeded": 2, "cancelled": 0, "dead": 0},
         "events": 0,
+        "pipelines": 0,
+        "batches": 0,
         "skipped": False,
     }
     assert not any(job_exists(app, i) for i in old)

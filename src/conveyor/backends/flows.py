@@ -42,6 +42,11 @@ class FlowStore(abc.ABC):
     def _jobs(self, query: str, params: dict[str, Any]) -> list[Job]:
         """The jobs the named query selects."""
 
+    @abc.abstractmethod
+    def _prune(self, query: str, older_than: float, limit: int, now: datetime | None) -> int:
+        """Run the named prune statement (parameters age, limit and now, as the backend passes
+        times) in a transaction of its own; the rows it deleted."""
+
     # -- pipelines ------------------------------------------------------------------------------
     @abc.abstractmethod
     def pipeline_start(
@@ -119,6 +124,21 @@ class FlowStore(abc.ABC):
     def batch_jobs(self, batch_id: int) -> list[Job]:
         """The batch's jobs, in order (pruned ones are gone)."""
         return self._jobs("batch_jobs", {"id": batch_id})
+
+    # -- retention ------------------------------------------------------------------------------
+    def pipeline_prune(self, older_than: float, limit: int, now: datetime | None = None) -> int:
+        """Delete up to ``limit`` finished pipelines (succeeded, failed or cancelled) whose
+        finished_at is more than ``older_than`` seconds before ``now`` (default: the database
+        clock) and none of whose jobs is left (jobs are pruned first, by their own retention),
+        oldest first, in one statement. A running pipeline is never deleted. Returns how many."""
+        return self._prune("prune_pipelines", older_than, limit, now)
+
+    def batch_prune(self, older_than: float, limit: int, now: datetime | None = None) -> int:
+        """Delete up to ``limit`` completed batches whose completed_at is more than ``older_than``
+        seconds before ``now`` (default: the database clock) and none of whose jobs is left,
+        oldest first, in one statement. A batch not completed is never deleted. Returns how
+        many."""
+        return self._prune("prune_batches", older_than, limit, now)
 
     # -- status subscriptions -------------------------------------------------------------------
     def watch_flows(

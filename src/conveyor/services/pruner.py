@@ -1,4 +1,5 @@
-"""The pruner: deletes finished jobs (with their history) and old history past their retention.
+"""The pruner: deletes finished jobs (with their history), old history, and finished pipelines and
+completed batches (once none of their jobs is left) past their retention.
 
 Only one process of the fleet prunes at a time: on PostgreSQL ``run_once`` holds a session
 advisory lock (a second pruner skips its run); on SQLite the single writer lock serializes every
@@ -8,12 +9,14 @@ the ``conveyor_leader`` table, so one worker of the fleet prunes per interval.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from ..backends.base import Backend
+from ..backends.flows import flow_store
 from ..errors import ConfigurationError
 from ..job import JobState
 
@@ -42,21 +45,26 @@ def _seconds(name: str, value: Age) -> float | None:
 
 @dataclass(frozen=True)
 class Retention:
-    """How long finished jobs and history are kept, in seconds (or a timedelta); None keeps them
-    for ever. A job's age counts from its ``finished_at``; an event's from its ``at``. Deleting a
-    job deletes its events; ``events`` also trims the history of jobs still kept.
+    """How long finished jobs, history, finished pipelines and completed batches are kept, in
+    seconds (or a timedelta); None keeps them for ever. A job's age counts from its
+    ``finished_at``; an event's from its ``at``; a pipeline's from its ``finished_at``; a batch's
+    from its ``completed_at``. Deleting a job deletes its events; ``events`` also trims the history
+    of jobs still kept. A pipeline or batch is kept while any of its jobs is (so a pipeline whose
+    failed step is kept as dead for 30 days stays as long, with it).
 
     Defaults: succeeded and cancelled jobs 7 days; dead jobs (the dead-letter queue, which someone
-    may still want to inspect and retry) 30 days; events 30 days.
+    may still want to inspect and retry) 30 days; events, pipelines and batches 30 days.
     """
 
     succeeded: Age = 7 * DAY
     cancelled: Age = 7 * DAY
     dead: Age = 30 * DAY
     events: Age = 30 * DAY
+    pipelines: Age = 30 * DAY
+    batches: Age = 30 * DAY
 
     def __post_init__(self) -> None:
-        for name in ("succeeded", "cancelled", "dead", "events"):
+        for name in ("succeeded", "cancelled", "dead", "events", "pipelines", "batches"):
             object.__setattr__(self, name, _seconds(name, getattr(self, name)))
 
     def for_state(self, state: JobState) -> float | None:
@@ -64,7 +72,8 @@ class Retention:
         return self.age_of(state.value)
 
     def age_of(self, name: str) -> float | None:
-        """Seconds kept for ``name`` (a finished state, or "events"); None: for ever. Already
+        """Seconds kept for ``name`` (a finished state, "events", "pipelines" or "batches"); None:
+        for ever. Already
         checked and converted to seconds by ``__post_init__``."""
         age: float | None = getattr(self, name)
         return age
@@ -72,10 +81,13 @@ class Retention:
 
 @dataclass
 class PruneResult:
-    """What one run deleted: jobs per state, events (besides those deleted with their job)."""
+    """What one run deleted: jobs per state, events (besides those deleted with their job),
+    pipelines and batches."""
 
     jobs: dict[str, int] = field(default_factory=dict)
     events: int = 0
+    pipelines: int = 0
+    batches: int = 0
     statements: int = 0
     #: True when another process held the prune lock, so this run did nothing.
     skipped: bool = False
@@ -102,25 +114,23 @@ class Pruner:
 
     def run_once(self, now: datetime | None = None) -> PruneResult:
         """One full pass at ``now`` (default: the database clock): every finished job past its
-        state's retention, then every event past the events retention."""
+        state's retention, then every event past the events retention, then the pipelines and
+        batches past theirs that no job is left of."""
         with self.backend.maintenance_lock(LEADER_NAME) as held:
             if not held:
                 logger.info("prune skipped: another process is pruning")
                 return PruneResult(skipped=True)
             result = PruneResult()
-            for state in (JobState.SUCCEEDED, JobState.CANCELLED, JobState.DEAD):
-                age = self.retention.for_state(state)
-                if age is not None:
-                    prune = self._jobs_of(state, age, now)
-                    result.jobs[state.value] = self._batches(prune, result)
-            events_age = self.retention.age_of("events")
-            if events_age is not None:
-                result.events = self._batches(
-                    lambda: self.backend.event_prune(events_age, self.batch_size, now), result
-                )
-        if result.total_jobs or result.events:
+            self._prune_jobs_and_events(result, now)
+            self._prune_flows(result, now)
+        if result.total_jobs or result.events or result.pipelines or result.batches:
             logger.info(
-                "pruned %s jobs %s and %d events", result.total_jobs, result.jobs, result.events
+                "pruned %s jobs %s, %d events, %d pipelines and %d batches",
+                result.total_jobs,
+                result.jobs,
+                result.events,
+                result.pipelines,
+                result.batches,
             )
         return result
 
@@ -132,6 +142,28 @@ class Pruner:
         if not self.backend.leader_claim(LEADER_NAME, holder, interval, now):
             return None
         return self.run_once(now)
+
+    def _prune_jobs_and_events(self, result: PruneResult, now: datetime | None) -> None:
+        for state in (JobState.SUCCEEDED, JobState.CANCELLED, JobState.DEAD):
+            age = self.retention.for_state(state)
+            if age is not None:
+                result.jobs[state.value] = self._batches(self._jobs_of(state, age, now), result)
+        events_age = self.retention.age_of("events")
+        if events_age is not None:
+            prune = functools.partial(self.backend.event_prune, events_age, self.batch_size, now)
+            result.events = self._batches(prune, result)
+
+    def _prune_flows(self, result: PruneResult, now: datetime | None) -> None:
+        """Pipelines and batches: after the jobs, whose pruning may leave them without any."""
+        flows = flow_store(self.backend)
+        pipelines_age = self.retention.age_of("pipelines")
+        if pipelines_age is not None:
+            prune = functools.partial(flows.pipeline_prune, pipelines_age, self.batch_size, now)
+            result.pipelines = self._batches(prune, result)
+        batches_age = self.retention.age_of("batches")
+        if batches_age is not None:
+            prune = functools.partial(flows.batch_prune, batches_age, self.batch_size, now)
+            result.batches = self._batches(prune, result)
 
     def _jobs_of(self, state: JobState, age: float, now: datetime | None) -> Callable[[], int]:
         return lambda: self.backend.job_prune(state, age, self.batch_size, now)

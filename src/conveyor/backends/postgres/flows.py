@@ -39,6 +39,11 @@ class PostgresFlows(FlowStore):
     def _jobs(self, query: str, params: dict[str, Any]) -> list[Job]:
         return self.backend._jobs(query, params)
 
+    def _prune(self, query: str, older_than: float, limit: int, now: datetime | None) -> int:
+        params = {"age": float(older_than), "limit": limit, "now": now}
+        with self.backend._conn() as conn:
+            return int(conn.execute(QUERIES[query], params).rowcount)
+
     # -- pipelines ------------------------------------------------------------------------------
     def pipeline_start(
         self,

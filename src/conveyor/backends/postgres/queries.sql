@@ -287,6 +287,34 @@ WITH doomed AS (
 )
 SELECT coalesce(sum(events), 0)::bigint AS events FROM deleted
 
+-- name: prune_pipelines
+-- Finished pipelines past the retention none of whose jobs is left (the jobs go first, by their
+-- own retention), oldest first. A finished pipeline gets no new job, so none can appear after
+-- the check.
+WITH doomed AS (
+    SELECT p.id FROM conveyor_pipelines p
+     WHERE p.state <> 'running'
+       AND p.finished_at < coalesce(%(now)s::timestamptz, now()) - %(age)s * interval '1 second'
+       AND NOT EXISTS (SELECT 1 FROM conveyor_jobs j WHERE j.pipeline_id = p.id)
+     ORDER BY p.finished_at
+     LIMIT %(limit)s
+       FOR UPDATE SKIP LOCKED
+)
+DELETE FROM conveyor_pipelines p USING doomed d WHERE p.id = d.id
+
+-- name: prune_batches
+-- Completed batches past the retention none of whose jobs is left, oldest first (jobs join a
+-- batch only in the transaction that creates it).
+WITH doomed AS (
+    SELECT b.id FROM conveyor_batches b
+     WHERE b.completed_at < coalesce(%(now)s::timestamptz, now()) - %(age)s * interval '1 second'
+       AND NOT EXISTS (SELECT 1 FROM conveyor_jobs j WHERE j.batch_id = b.id)
+     ORDER BY b.completed_at
+     LIMIT %(limit)s
+       FOR UPDATE SKIP LOCKED
+)
+DELETE FROM conveyor_batches b USING doomed d WHERE b.id = d.id
+
 -- name: merge_history_pending
 -- The vacuum service's other chore: history's job index takes new keys into a pending list
 -- (migration 0004); merged here, every few seconds, instead of by the statement that fills it.

@@ -1,5 +1,5 @@
 -- The current Conveyor schema for PostgreSQL, as the migrations leave it (today: the
--- conveyor_migrations table that the migrator creates, plus migrations 0001 to 0007). This file
+-- conveyor_migrations table that the migrator creates, plus migrations 0001 to 0008). This file
 -- documents the schema: Conveyor never runs it, the migrations build every database. Change the
 -- schema with a new migration and update this file to match (tests/contract/test_schema.py builds a
 -- database from each and compares their catalogs). docs/state-machine.md documents
@@ -641,6 +641,8 @@ CREATE TABLE conveyor_pipelines (
 
 CREATE INDEX conveyor_pipelines_running ON conveyor_pipelines (current_job_id) WHERE state = 'running';
 CREATE INDEX conveyor_pipelines_entity ON conveyor_pipelines (entity, id) WHERE entity IS NOT NULL;
+-- Finished pipelines, oldest first, for the pruner (migration 0008).
+CREATE INDEX conveyor_pipelines_finished ON conveyor_pipelines (finished_at) WHERE state <> 'running';
 
 -- A batch: jobs enqueued together, counted as they finish; on_complete (a job spec, JSON) is
 -- enqueued once, when the last of them finished (completed_at set in that same transaction).
@@ -659,6 +661,10 @@ CREATE TABLE conveyor_batches (
     CONSTRAINT conveyor_batches_callback_after_completion
         CHECK (on_complete_job_id IS NULL OR completed_at IS NOT NULL)
 );
+
+-- Completed batches, oldest first, for the pruner (migration 0008).
+CREATE INDEX conveyor_batches_completed ON conveyor_batches (completed_at)
+    WHERE completed_at IS NOT NULL;
 
 -- Insert the job a spec describes (a pipeline step, a batch's on_complete): its arguments are
 -- _head followed by the spec's own, its kwargs the spec's updated by _kwargs. Returns its id.

@@ -41,6 +41,10 @@ class SQLiteFlows(FlowStore):
     def _jobs(self, query: str, params: dict[str, Any]) -> list[Job]:
         return self.backend._read_jobs(query, params)
 
+    def _prune(self, query: str, older_than: float, limit: int, now: datetime | None) -> int:
+        params = {"age": older_than, "limit": limit, "now": _from_time(now)}
+        return self.backend._write(lambda c: c.execute(QUERIES[query], params).rowcount)
+
     # -- pipelines ------------------------------------------------------------------------------
     def pipeline_start(
         self,

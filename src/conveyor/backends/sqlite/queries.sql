@@ -320,6 +320,24 @@ DELETE FROM conveyor_job_events
                ORDER BY at
                LIMIT :limit)
 
+-- name: prune_pipelines
+-- Finished pipelines past the retention none of whose jobs is left, oldest first (PostgreSQL's
+-- queries.sql says why).
+DELETE FROM conveyor_pipelines
+ WHERE id IN (SELECT p.id FROM conveyor_pipelines p
+               WHERE p.state <> 'running' AND p.finished_at < coalesce(:now, {now}) - :age
+                 AND NOT EXISTS (SELECT 1 FROM conveyor_jobs j WHERE j.pipeline_id = p.id)
+               ORDER BY p.finished_at
+               LIMIT :limit)
+
+-- name: prune_batches
+DELETE FROM conveyor_batches
+ WHERE id IN (SELECT b.id FROM conveyor_batches b
+               WHERE b.completed_at < coalesce(:now, {now}) - :age
+                 AND NOT EXISTS (SELECT 1 FROM conveyor_jobs j WHERE j.batch_id = b.id)
+               ORDER BY b.completed_at
+               LIMIT :limit)
+
 -- name: leader_claim
 INSERT INTO conveyor_leader (name, holder, started_at)
 VALUES (:name, :holder, coalesce(:now, {now}))

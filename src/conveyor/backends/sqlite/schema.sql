@@ -1,12 +1,12 @@
 -- The current Conveyor schema for SQLite, as the migrations leave it (today: the
 -- conveyor_migrations table that the migrator creates, plus migrations/0001_initial.sql, 0002 in
--- its section below, 0003, which changed two triggers of 0001 in place, and 0004, which changes
--- nothing on SQLite). This file documents the schema: Conveyor never runs it, the migrations
--- build every database. Change the schema with a new migration and update this file to match
--- (tests/contract/test_schema.py builds a database from each and compares their catalogs). Times
--- are REAL seconds since the Unix epoch (UTC) from SQLite's clock, JSON is TEXT checked with
--- json_valid, booleans are 0/1. docs/state-machine.md documents the invariants the CHECK
--- constraints enforce.
+-- its section below, 0003, which changed two triggers of 0001 in place, 0004 to 0007, which
+-- change nothing on SQLite, and 0008's two indexes). This file documents the schema: Conveyor
+-- never runs it, the migrations build every database. Change the schema with a new migration and
+-- update this file to match (tests/contract/test_schema.py builds a database from each and
+-- compares their catalogs). Times are REAL seconds since the Unix epoch (UTC) from SQLite's
+-- clock, JSON is TEXT checked with json_valid, booleans are 0/1. docs/state-machine.md documents
+-- the invariants the CHECK constraints enforce.
 
 -- Applied migrations (created by the migrator, before the first migration runs).
 CREATE TABLE conveyor_migrations (
@@ -272,6 +272,8 @@ CREATE TABLE conveyor_pipelines (
 
 CREATE INDEX conveyor_pipelines_running ON conveyor_pipelines (current_job_id) WHERE state = 'running';
 CREATE INDEX conveyor_pipelines_entity ON conveyor_pipelines (entity, id) WHERE entity IS NOT NULL;
+-- Finished pipelines, oldest first, for the pruner (migration 0008).
+CREATE INDEX conveyor_pipelines_finished ON conveyor_pipelines (finished_at) WHERE state <> 'running';
 
 -- A batch: jobs enqueued together, counted as they finish; on_complete (a job spec, JSON) is
 -- enqueued once, when the last of them finished (completed_at set in that same transaction).
@@ -290,6 +292,10 @@ CREATE TABLE conveyor_batches (
     CONSTRAINT conveyor_batches_callback_after_completion
         CHECK (on_complete_job_id IS NULL OR completed_at IS NOT NULL)
 );
+
+-- Completed batches, oldest first, for the pruner (migration 0008).
+CREATE INDEX conveyor_batches_completed ON conveyor_batches (completed_at)
+    WHERE completed_at IS NOT NULL;
 
 -- The current step's job of a running pipeline ended. Success enqueues the next step (its
 -- arguments: the result, then the step's own) or finishes the pipeline with that result; dead or
