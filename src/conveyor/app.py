@@ -543,8 +543,10 @@ class Conveyor:
         entity: str | None = None,
         args: Sequence[Any] = (),
         kwargs: dict[str, Any] | None = None,
+        connection: Any = None,
     ) -> Pipeline:
-        """Start a run of ``definition`` (what ``definition.start(...)`` calls)."""
+        """Start a run of ``definition`` (what ``definition.start(...)`` calls); with
+        ``connection``, inside the caller's transaction on it, as ``enqueue`` does."""
         start_args, start_kwargs = check_arguments(args, kwargs)
         limit = self.max_payload_bytes
         pipeline = self.flows.pipeline_start(
@@ -553,6 +555,7 @@ class Conveyor:
             [step.spec for step in definition.steps],
             serialization.dumps(list(start_args), "args", limit),
             serialization.dumps(start_kwargs, "kwargs", limit),
+            connection=connection,
         )
         self._wake_workers()
         return self._bind_flow(pipeline)
@@ -618,9 +621,13 @@ class Conveyor:
 
     # -- batches --------------------------------------------------------------------------------
     def batch(
-        self, requests: Iterable[EnqueueRequest], on_complete: EnqueueRequest | None = None
+        self,
+        requests: Iterable[EnqueueRequest],
+        on_complete: EnqueueRequest | None = None,
+        connection: Any = None,
     ) -> Batch:
-        """Enqueue jobs as one batch (one transaction). When the last of them finished,
+        """Enqueue jobs as one batch (one transaction; with ``connection``, inside the caller's
+        transaction on it, as ``enqueue`` does). When the last of them finished,
         ``on_complete`` (``task.request(*args, **kwargs)``) is enqueued exactly once, called with
         ``{"batch_id", "total", "succeeded", "failed"}`` first, then its own arguments. Batch jobs
         cannot have a unique_key or idempotency_key (a job returned for a duplicate would belong
@@ -637,14 +644,17 @@ class Conveyor:
             if on_complete is None
             else spec_from_request(on_complete, "on_complete", self.max_payload_bytes)
         )
-        batch = self.flows.batch_create(new_jobs, spec)
+        batch = self.flows.batch_create(new_jobs, spec, connection=connection)
         self._wake_workers()
         return self._bind_flow(batch)
 
     async def batch_async(
-        self, requests: Iterable[EnqueueRequest], on_complete: EnqueueRequest | None = None
+        self,
+        requests: Iterable[EnqueueRequest],
+        on_complete: EnqueueRequest | None = None,
+        connection: Any = None,
     ) -> Batch:
-        return await asyncio.to_thread(self.batch, list(requests), on_complete)
+        return await asyncio.to_thread(self.batch, list(requests), on_complete, connection)
 
     def get_batch(self, batch_id: int) -> Batch:
         return self._bind_flow(self.flows.batch_get(batch_id))

@@ -224,11 +224,16 @@ class PipelineDefinition:
         entity: str | None = None,
         args: Sequence[Any] = (),
         kwargs: dict[str, Any] | None = None,
+        connection: Any = None,
     ) -> Pipeline:
-        """Start a run: one pipeline record and the first step's job, in one transaction. The
+        """Start a run: one pipeline record and the first step's job, in one transaction (with
+        ``connection``, the caller's own sqlite3 / psycopg connection: inside the transaction
+        open on it, never committed by Conveyor, as ``enqueue(connection=...)`` does). The
         first step is called with ``args`` and ``kwargs`` (before its own). ``entity`` labels
         what the run is about (a project id, ...), for listing and display."""
-        return self.app.start_pipeline(self, entity=entity, args=args, kwargs=kwargs)
+        return self.app.start_pipeline(
+            self, entity=entity, args=args, kwargs=kwargs, connection=connection
+        )
 
     async def start_async(
         self,
@@ -236,10 +241,13 @@ class PipelineDefinition:
         entity: str | None = None,
         args: Sequence[Any] = (),
         kwargs: dict[str, Any] | None = None,
+        connection: Any = None,
     ) -> Pipeline:
         import asyncio
 
-        return await asyncio.to_thread(self.start, entity=entity, args=args, kwargs=kwargs)
+        return await asyncio.to_thread(
+            self.start, entity=entity, args=args, kwargs=kwargs, connection=connection
+        )
 
 
 def _as_step(item: object, where: str) -> Step:

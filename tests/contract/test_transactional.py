@@ -1,10 +1,12 @@
-"""Transactional enqueue: with ``connection=`` the job is written inside the caller's open
-transaction on their own sqlite3 / psycopg connection, never committed by Conveyor, so it exists
-only if the caller commits. Without it, a batch is still all or nothing."""
+"""Transactional enqueue: with ``connection=`` the job (or a pipeline and its first job, or a batch
+and its jobs) is written inside the caller's open transaction on their own sqlite3 / psycopg
+connection, never committed by Conveyor, so it exists only if the caller commits. Without it, a
+batch is still all or nothing."""
 
 from __future__ import annotations
 
 import sqlite3
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,6 +15,7 @@ import pytest
 from conveyor import ConfigurationError, Conveyor, InvalidArgumentsError
 from conveyor.backends.base import NewJob
 from conveyor.backends.postgres.bulk import COPY_MIN
+from conveyor.pipelines import BatchNotFoundError, PipelineNotFoundError
 
 from .conftest import RawDB, job_exists
 
@@ -166,3 +169,115 @@ def test_a_batch_may_mix_int_and_float_values(app: Conveyor) -> None:
     assert [(j.timeout, j.deadline) for j in jobs] == [(3.0, 10.5), (2.5, 20.0), (None, None)]
     delays = [(j.run_at - j.created_at).total_seconds() for j in jobs]
     assert abs(delays[0] - 600) < 0.01 and abs(delays[1] - 0.5) < 0.01 and abs(delays[2]) < 0.01
+
+
+# -- pipelines and batches in the caller's transaction ------------------------------------------
+def _flows_of(app: Conveyor) -> tuple[Any, Any]:
+    ship = _task(app)
+
+    @app.task(name="tx.report")
+    def report(counts: dict[str, int]) -> int:
+        return counts["succeeded"]
+
+    return app.pipeline("tx.deliver", [ship.step(name="pack"), ship.step(name="send")]), report
+
+
+def _pipeline_exists(app: Conveyor, pipeline_id: int) -> bool:
+    try:
+        app.get_pipeline(pipeline_id)
+    except PipelineNotFoundError:
+        return False
+    return True
+
+
+def test_a_pipeline_exists_only_once_the_caller_commits(
+    app: Conveyor, conn: Any, raw: RawDB
+) -> None:
+    deliver, _ = _flows_of(app)
+    conn.execute("INSERT INTO orders (id, item) VALUES (7, 'desk')")
+    run = deliver.start(args=[7], entity="order-7", connection=conn)
+
+    assert run.state == "running" and run.entity == "order-7"  # read back on the caller's
+    assert _in_transaction(conn), "Conveyor must not commit the caller's transaction"
+    assert not _pipeline_exists(app, run.id) and raw.count_jobs() == 0
+
+    conn.commit()
+
+    assert app.get_pipeline(run.id).state == "running" and raw.count_jobs() == 1
+    app.drain()
+    assert app.get_pipeline(run.id).return_value == 7
+
+
+def test_a_batch_is_rolled_back_with_the_callers_transaction(
+    app: Conveyor, conn: Any, raw: RawDB
+) -> None:
+    _, report = _flows_of(app)
+    ship = app.tasks["tx.ship"]
+    conn.execute("INSERT INTO orders (id, item) VALUES (8, 'chair')")
+    batch = app.batch([ship.request(8), ship.request(9)], report.request(), connection=conn)
+    assert batch.total == 2 and not batch.complete
+    assert _in_transaction(conn) and raw.count_jobs() == 0
+
+    conn.rollback()
+
+    with pytest.raises(BatchNotFoundError):
+        app.get_batch(batch.id)
+    assert raw.count_jobs() == 0 and raw.scalar("SELECT count(*) FROM orders") == 0
+    kept = app.batch([ship.request(10)], report.request(), connection=conn)
+    conn.commit()
+    app.drain()
+    assert app.get_batch(kept.id).complete and raw.count_jobs() == 2  # its job, the report
+
+
+def test_a_failed_start_leaves_the_callers_transaction_usable(
+    app: Conveyor, conn: Any, raw: RawDB, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pipeline's statements run in a savepoint: when one fails, what they wrote is undone
+    and the caller's own writes can still be committed."""
+    deliver, _ = _flows_of(app)
+    queries = sys.modules[type(app.flows).__module__].QUERIES
+    monkeypatch.setitem(queries, "set_pipeline_job", "SELECT * FROM conveyor_no_such_table")
+    conn.execute("INSERT INTO orders (id, item) VALUES (11, 'vase')")
+    with pytest.raises(Exception, match="conveyor_no_such_table"):
+        deliver.start(args=[11], connection=conn)
+
+    conn.commit()
+
+    assert raw.scalar("SELECT count(*) FROM orders") == 1
+    assert raw.count_jobs() == 0 and app.list_pipelines() == []
+
+
+def test_with_no_transaction_open_yet_the_one_it_opens_is_left_to_the_caller(
+    app: Conveyor, conn: Any, raw: RawDB
+) -> None:
+    deliver, report = _flows_of(app)
+    assert not _in_transaction(conn)
+    run = deliver.start(args=[13], connection=conn)
+    assert _in_transaction(conn), "Conveyor must not commit the transaction it opened"
+    conn.rollback()
+    assert not _pipeline_exists(app, run.id) and raw.count_jobs() == 0
+    batch = app.batch([app.tasks["tx.ship"].request(14)], report.request(), connection=conn)
+    assert _in_transaction(conn)
+    conn.rollback()
+    with pytest.raises(BatchNotFoundError):
+        app.get_batch(batch.id)
+
+
+def test_in_autocommit_mode_a_pipeline_is_its_own_transaction(app: Conveyor, conn: Any) -> None:
+    deliver, _ = _flows_of(app)
+    if isinstance(conn, sqlite3.Connection):
+        conn.isolation_level = None
+    else:
+        conn.autocommit = True
+    run = deliver.start(args=[12], connection=conn)
+    assert not _in_transaction(conn)
+    assert app.get_pipeline(run.id).state == "running"  # committed at once
+
+
+def test_flows_refuse_a_connection_of_the_wrong_kind(app: Conveyor, raw: RawDB) -> None:
+    deliver, _ = _flows_of(app)
+    with pytest.raises(ConfigurationError, match=r"connection= must be a .* not object"):
+        deliver.start(connection=object())
+    with pytest.raises(ConfigurationError, match=r"connection= must be a .* not object"):
+        app.batch([app.tasks["tx.ship"].request(1)], connection=object())
+    assert raw.count_jobs() == 0 and app.list_pipelines() == []

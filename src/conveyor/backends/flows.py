@@ -27,6 +27,13 @@ from .base import Backend, NewJob
 
 #: Overdue steps handled per call of ``pipeline_expire_steps``.
 EXPIRE_BATCH = 1000
+#: What ``connection=`` means to ``pipeline_start`` and ``batch_create``, as to a job's enqueue:
+CALLER_TRANSACTION = """The rows are written on the caller's own connection and never committed
+by Conveyor: inside the transaction open on it (in a savepoint, so that a failure leaves that
+transaction usable), or, with none open, in the one its first statement opens, left open for the
+caller to commit or roll back. In autocommit mode with no transaction open, they are written in a
+transaction of their own, committed at once, as each of the caller's statements is. The record is
+read back on that connection: nobody else sees it before the caller commits."""
 
 
 class FlowStore(abc.ABC):
@@ -35,8 +42,11 @@ class FlowStore(abc.ABC):
 
     # -- read primitives ------------------------------------------------------------------------
     @abc.abstractmethod
-    def _rows(self, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
-        """The rows of the named query, with Python types (times, decoded JSON)."""
+    def _rows(
+        self, query: str, params: dict[str, Any], connection: Any = None
+    ) -> list[dict[str, Any]]:
+        """The rows of the named query, with Python types (times, decoded JSON); on
+        ``connection`` (a caller's own, in its transaction) when given."""
 
     @abc.abstractmethod
     def _jobs(self, query: str, params: dict[str, Any]) -> list[Job]:
@@ -56,6 +66,7 @@ class FlowStore(abc.ABC):
         steps: Sequence[JobSpec],
         args: str,
         kwargs: str,
+        connection: Any = None,
     ) -> Pipeline:
         """In one transaction: insert a running pipeline and its first step's job, called with
         ``args`` (a JSON array) followed by the step's own arguments, and the step's kwargs
@@ -63,11 +74,12 @@ class FlowStore(abc.ABC):
         the step before it succeeds, with that step's result as its first argument; the last
         step's success makes the pipeline succeeded with its result; a step's job ending dead,
         cancelled or deleted fails it ("step X exceeded its N s deadline (started HH:MM:SS)" when
-        the job died of its deadline)."""
+        the job died of its deadline). With ``connection`` (the caller's own sqlite3 / psycopg
+        connection to this database), see :data:`CALLER_TRANSACTION`."""
 
-    def pipeline_get(self, pipeline_id: int) -> Pipeline:
-        """The pipeline, or PipelineNotFoundError."""
-        rows = self._rows("get_pipeline", {"id": pipeline_id})
+    def pipeline_get(self, pipeline_id: int, connection: Any = None) -> Pipeline:
+        """The pipeline, or PipelineNotFoundError (read on ``connection`` when given)."""
+        rows = self._rows("get_pipeline", {"id": pipeline_id}, connection)
         if not rows:
             raise PipelineNotFoundError(f"no pipeline with id {pipeline_id}")
         return pipeline_from_row(rows[0])
@@ -105,18 +117,21 @@ class FlowStore(abc.ABC):
 
     # -- batches --------------------------------------------------------------------------------
     @abc.abstractmethod
-    def batch_create(self, jobs: Sequence[NewJob], on_complete: JobSpec | None) -> Batch:
+    def batch_create(
+        self, jobs: Sequence[NewJob], on_complete: JobSpec | None, connection: Any = None
+    ) -> Batch:
         """In one transaction: insert the jobs and a batch of them (total = their number). Each
         job reaching succeeded, or dead/cancelled (failed), is counted in the transaction that
         finishes it; a manual retry of a failed one takes it off the count again. The update that
         makes the counts reach the total completes the batch (completed_at) and enqueues
         ``on_complete`` with {"batch_id", "total", "succeeded", "failed"} as its first argument:
         exactly once, also when the last two jobs finish at once on different workers. A batch
-        whose jobs all ended at insert (or an empty one) completes at once."""
+        whose jobs all ended at insert (or an empty one) completes at once. With ``connection``,
+        see :data:`CALLER_TRANSACTION`."""
 
-    def batch_get(self, batch_id: int) -> Batch:
-        """The batch, or BatchNotFoundError."""
-        rows = self._rows("get_batch", {"id": batch_id})
+    def batch_get(self, batch_id: int, connection: Any = None) -> Batch:
+        """The batch, or BatchNotFoundError (read on ``connection`` when given)."""
+        rows = self._rows("get_batch", {"id": batch_id}, connection)
         if not rows:
             raise BatchNotFoundError(f"no batch with id {batch_id}")
         return batch_from_row(rows[0])

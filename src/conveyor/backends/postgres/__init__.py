@@ -358,12 +358,7 @@ class PostgresBackend(Backend):
         if not jobs:
             return []
         if connection is not None:
-            if psycopg is None or not isinstance(connection, psycopg.Connection):
-                raise ConfigurationError(
-                    f"connection= must be a psycopg (3) Connection for a PostgreSQL app, "
-                    f"not {type(connection).__name__}"
-                )
-            return self._insert_on(connection, list(jobs))
+            return self._insert_on(self.caller_connection(connection), list(jobs))
         with self._conn() as conn:
             # A big batch of plain jobs: COPY, the jobs built as they are sent (autocommit: an
             # abandoned COPY leaves nothing). None: not such a batch, nothing written.
@@ -376,6 +371,17 @@ class PostgresBackend(Backend):
                 return self._insert_rows(conn, jobs)
             with conn.transaction():  # dedupe lookups and dependencies: several statements
                 return self._insert_rows(conn, jobs)
+
+    @staticmethod
+    def caller_connection(connection: Any) -> Any:
+        """``connection`` (a caller's ``connection=``) if it is a psycopg 3 Connection, else a
+        ConfigurationError naming what it is."""
+        if psycopg is None or not isinstance(connection, psycopg.Connection):
+            raise ConfigurationError(
+                f"connection= must be a psycopg (3) Connection for a PostgreSQL app, "
+                f"not {type(connection).__name__}"
+            )
+        return connection
 
     def _insert_on(self, conn: Any, jobs: Sequence[NewJob]) -> list[Job]:
         """Insert ``jobs`` (built already) on ``conn``, in whatever transaction it is in."""

@@ -10,8 +10,10 @@ finishing UPDATE takes them, so no two of these transactions can deadlock.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -33,8 +35,15 @@ class PostgresFlows(FlowStore):
     def __init__(self, backend: PostgresBackend) -> None:
         self.backend = backend
 
-    def _rows(self, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
-        return self.backend._all(query, params)
+    def _rows(
+        self, query: str, params: dict[str, Any], connection: Any = None
+    ) -> list[dict[str, Any]]:
+        if connection is None:
+            return self.backend._all(query, params)
+        from psycopg.rows import dict_row
+
+        with connection.cursor(row_factory=dict_row) as cur:  # whatever rows it makes
+            return list(cur.execute(QUERIES[query], params).fetchall())
 
     def _jobs(self, query: str, params: dict[str, Any]) -> list[Job]:
         return self.backend._jobs(query, params)
@@ -52,15 +61,16 @@ class PostgresFlows(FlowStore):
         steps: Sequence[JobSpec],
         args: str,
         kwargs: str,
+        connection: Any = None,
     ) -> Pipeline:
         specs = json.dumps([s.to_json() for s in steps])
-        with self.backend._conn() as conn, conn.transaction():
+        with self._transaction(connection) as conn, conn.cursor(row_factory=_dict_row()) as cur:
             params = {"name": name, "entity": entity, "steps": specs}
-            pipeline_id = conn.execute(QUERIES["insert_pipeline"], params).fetchone()["id"]
+            pipeline_id = cur.execute(QUERIES["insert_pipeline"], params).fetchone()["id"]
             params = {"id": pipeline_id, "args": args, "kwargs": kwargs}
-            job_id = conn.execute(QUERIES["enqueue_first_step"], params).fetchone()["job_id"]
-            conn.execute(QUERIES["set_pipeline_job"], {"id": pipeline_id, "job_id": job_id})
-        return self.pipeline_get(pipeline_id)
+            job_id = cur.execute(QUERIES["enqueue_first_step"], params).fetchone()["job_id"]
+            cur.execute(QUERIES["set_pipeline_job"], {"id": pipeline_id, "job_id": job_id})
+        return self.pipeline_get(pipeline_id, connection)
 
     def pipeline_cancel(self, pipeline_id: int, reason: str) -> Pipeline:
         for _ in range(100):  # the pipeline may move on to its next step while we lock
@@ -101,18 +111,32 @@ class PostgresFlows(FlowStore):
         return [self.pipeline_get(r["id"]) for r in sorted(failed, key=lambda r: r["id"])]
 
     # -- batches --------------------------------------------------------------------------------
-    def batch_create(self, jobs: Sequence[NewJob], on_complete: JobSpec | None) -> Batch:
+    def batch_create(
+        self, jobs: Sequence[NewJob], on_complete: JobSpec | None, connection: Any = None
+    ) -> Batch:
         spec = None if on_complete is None else json.dumps(on_complete.to_json())
-        with self.backend._conn() as conn, conn.transaction():
+        with self._transaction(connection) as conn:
             params = {"total": len(jobs), "on_complete": spec}
-            batch_id = conn.execute(QUERIES["insert_batch"], params).fetchone()["id"]
+            with conn.cursor(row_factory=_dict_row()) as cur:
+                batch_id = cur.execute(QUERIES["insert_batch"], params).fetchone()["id"]
             inserted = self.backend._insert_on(conn, jobs) if jobs else []
             if inserted:
                 ids = [j.id for j in inserted]
                 conn.execute(QUERIES["join_batch"], {"batch_id": batch_id, "ids": ids})
             failed = sum(1 for j in inserted if j.state.terminal)
             conn.execute(QUERIES["count_batch_at_insert"], {"id": batch_id, "failed": failed})
-        return self.batch_get(batch_id)
+        return self.batch_get(batch_id, connection)
+
+    @contextlib.contextmanager
+    def _transaction(self, connection: Any) -> Any:
+        """A connection in a transaction for several statements: a pooled one (committed at the
+        end), or the caller's (see backends.flows.CALLER_TRANSACTION)."""
+        if connection is None:
+            with self.backend._conn() as conn, conn.transaction():
+                yield conn
+            return
+        with _caller_transaction(self.backend.caller_connection(connection)):
+            yield connection
 
     # -- status subscriptions -------------------------------------------------------------------
     def watch_flows(
@@ -124,6 +148,24 @@ class PostgresFlows(FlowStore):
                 on_changed(keys)
 
         return Listener(self.backend.url, FLOW_CHANNEL, on_notify, on_gap).start()
+
+
+def _dict_row() -> Any:
+    from psycopg.rows import dict_row
+
+    return dict_row
+
+
+def _caller_transaction(connection: Any) -> AbstractContextManager[Any]:
+    """Where several statements go on a caller's psycopg connection: a savepoint in its open
+    transaction, or a transaction of their own in autocommit mode; outside autocommit with none
+    open, the one the first statement opens, which psycopg leaves open for the caller (its
+    ``transaction()`` would commit it)."""
+    from psycopg.pq import TransactionStatus
+
+    if connection.autocommit or connection.info.transaction_status == TransactionStatus.INTRANS:
+        return connection.transaction()  # type: ignore[no-any-return]
+    return contextlib.nullcontext(connection)
 
 
 __all__ = ["FLOW_CHANNEL", "PostgresFlows"]

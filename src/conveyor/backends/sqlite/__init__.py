@@ -456,13 +456,19 @@ class SQLiteBackend(Backend):
         if not jobs:
             return []
         if connection is not None:
-            if not isinstance(connection, sqlite3.Connection):
-                raise ConfigurationError(
-                    f"connection= must be a sqlite3.Connection for a SQLite app, "
-                    f"not {type(connection).__name__}"
-                )
-            return self._insert_on(connection, jobs)
+            return self._insert_on(self.caller_connection(connection), jobs)
         return self._write(lambda conn: self._insert_on(conn, jobs))
+
+    @staticmethod
+    def caller_connection(connection: Any) -> sqlite3.Connection:
+        """``connection`` (a caller's ``connection=``) if it is a sqlite3.Connection, else a
+        ConfigurationError naming what it is."""
+        if not isinstance(connection, sqlite3.Connection):
+            raise ConfigurationError(
+                f"connection= must be a sqlite3.Connection for a SQLite app, "
+                f"not {type(connection).__name__}"
+            )
+        return connection
 
     @staticmethod
     def _insert_on(conn: sqlite3.Connection, jobs: Sequence[NewJob]) -> list[Job]:

@@ -8,11 +8,12 @@ waiters poll (results.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from ...job import Job
 from ...pipelines import Batch, JobSpec, Pipeline
@@ -29,14 +30,23 @@ _TIMES = (
     "completed_at",
 )
 _JSON = ("steps", "on_complete", "result")  # a pipeline's error is plain text
+T = TypeVar("T")
 
 
 class SQLiteFlows(FlowStore):
     def __init__(self, backend: SQLiteBackend) -> None:
         self.backend = backend
 
-    def _rows(self, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
-        return [_convert(r, _TIMES, _JSON) for r in self.backend._read(query, params)]
+    def _rows(
+        self, query: str, params: dict[str, Any], connection: Any = None
+    ) -> list[dict[str, Any]]:
+        if connection is None:
+            rows = self.backend._read(query, params)
+        else:
+            cur = connection.cursor()
+            cur.row_factory = sqlite3.Row  # whatever rows the caller's connection makes
+            rows = cur.execute(QUERIES[query], params).fetchall()
+        return [_convert(r, _TIMES, _JSON) for r in rows]
 
     def _jobs(self, query: str, params: dict[str, Any]) -> list[Job]:
         return self.backend._read_jobs(query, params)
@@ -53,6 +63,7 @@ class SQLiteFlows(FlowStore):
         steps: Sequence[JobSpec],
         args: str,
         kwargs: str,
+        connection: Any = None,
     ) -> Pipeline:
         first = steps[0].to_json()
         full_args = json.dumps([*json.loads(args), *first["args"]])
@@ -72,7 +83,7 @@ class SQLiteFlows(FlowStore):
             conn.execute(QUERIES["set_pipeline_job"], {"id": pipeline_id, "job_id": job_id})
             return pipeline_id
 
-        return self.pipeline_get(self.backend._write(start))
+        return self.pipeline_get(self._write(start, connection), connection)
 
     def pipeline_cancel(self, pipeline_id: int, reason: str) -> Pipeline:
         def cancel(conn: sqlite3.Connection) -> None:
@@ -102,7 +113,9 @@ class SQLiteFlows(FlowStore):
         return [self.pipeline_get(i) for i in self.backend._write(expire)]
 
     # -- batches --------------------------------------------------------------------------------
-    def batch_create(self, jobs: Sequence[NewJob], on_complete: JobSpec | None) -> Batch:
+    def batch_create(
+        self, jobs: Sequence[NewJob], on_complete: JobSpec | None, connection: Any = None
+    ) -> Batch:
         spec = None if on_complete is None else json.dumps(on_complete.to_json())
 
         def create(conn: sqlite3.Connection) -> int:
@@ -116,4 +129,31 @@ class SQLiteFlows(FlowStore):
             conn.execute(QUERIES["count_batch_at_insert"], {"id": batch_id, "failed": failed})
             return batch_id
 
-        return self.batch_get(self.backend._write(create))
+        return self.batch_get(self._write(create, connection), connection)
+
+    def _write(self, fn: Callable[[sqlite3.Connection], T], connection: Any) -> T:
+        """``fn`` in one write transaction of the backend's, or on the caller's connection (see
+        backends.flows.CALLER_TRANSACTION)."""
+        if connection is None:
+            return self.backend._write(fn)
+        conn = self.backend.caller_connection(connection)
+        with _caller_transaction(conn):
+            return fn(conn)
+
+
+@contextlib.contextmanager
+def _caller_transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """Several statements on a caller's sqlite3 connection, all or none: a savepoint in its open
+    transaction. With none open, sqlite3's implicit transactions (the default) get one opened
+    first, left open for the caller, as its own first statement would have; in autocommit mode
+    (``isolation_level=None``) the savepoint is a transaction of its own, committed at once."""
+    if not conn.in_transaction and conn.isolation_level is not None:
+        conn.execute("BEGIN")
+    conn.execute("SAVEPOINT conveyor_flow")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK TO conveyor_flow")
+        conn.execute("RELEASE conveyor_flow")
+        raise
+    conn.execute("RELEASE conveyor_flow")
