@@ -14,6 +14,7 @@ from .errors import (
     UnknownTaskError,
 )
 from .job import Job, JobEvent, JobState
+from .periodic import Cron, Every, Periodic
 from .services.pruner import Pruner, PruneResult, Retention
 from .states import Backoff
 from .worker import Worker
@@ -29,8 +30,10 @@ __all__ = [
     "ConfigurationError",
     "Conveyor",
     "ConveyorError",
+    "Cron",
     "DatabaseUnavailableError",
     "EnqueueRequest",
+    "Every",
     "InvalidArgumentsError",
     "InvalidTransitionError",
     "Job",
@@ -39,6 +42,7 @@ __all__ = [
     "JobFailedError",
     "JobNotFoundError",
     "JobState",
+    "Periodic",
     "Pipeline",
     "PipelineDefinition",
     "PipelineFailedError",

@@ -8,6 +8,7 @@ import inspect
 import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime, timedelta
 from typing import Any, Generic, NamedTuple, ParamSpec, TypeVar, overload
 
 from . import serialization
@@ -25,6 +26,7 @@ from .options import (
     check_queue_name,
     check_task_name,
 )
+from .periodic import DEFAULT_GRACE, Periodic, make_periodic
 from .pipelines import (
     Batch,
     Pipeline,
@@ -217,6 +219,8 @@ class Conveyor:
         self._flow_waiter: Watcher[str] = Watcher(self, lambda: self.flows.watch_flows)
         self._flows: FlowStore | None = None
         self.tasks: dict[str, Task[Any, Any]] = {}
+        #: Periodic jobs by name (``periodic``), enqueued by every worker's scheduler.
+        self.periodic_jobs: dict[str, Periodic] = {}
         self.queues: dict[str, int | None] = {}
         self._backend: Backend | None = None
         self._schema_checked = False
@@ -308,6 +312,54 @@ class Conveyor:
             return task
 
         return register(fn) if fn is not None else register
+
+    def periodic(
+        self,
+        task: Task[Any, Any] | str,
+        *,
+        cron: str | None = None,
+        every: float | timedelta | None = None,
+        name: str | None = None,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        grace: float | timedelta = DEFAULT_GRACE,
+        **options: Any,
+    ) -> Periodic:
+        """Enqueue ``task`` (registered here) on a schedule, once per tick fleet-wide: ``cron``, a
+        five-field cron expression in UTC (``"*/15 * * * *"``, ``"0 9 * * mon-fri"``,
+        ``"@daily"``), or ``every``, an interval of at least a second. Each tick's job is
+        called with ``args`` and ``kwargs``, has the tick as its ``run_at`` and the task's options
+        updated by ``options`` (queue, priority, max_attempts, timeout, ...). A tick no worker saw
+        within ``grace`` seconds is skipped. ``name`` (default: the task's) must be unique here.
+        See docs/periodic.md."""
+        task_obj = self.get_task(task) if isinstance(task, str) else task
+        if task_obj.app is not self:
+            raise ConfigurationError(f"periodic: task {task_obj.name!r} belongs to another app")
+        schedule = make_periodic(
+            task_obj.name,
+            task_obj.defaults,
+            cron=cron,
+            every=every,
+            name=name,
+            args=args,
+            kwargs=kwargs,
+            grace=grace,
+            options=options,
+            limit=self.max_payload_bytes,
+        )
+        if schedule.name in self.periodic_jobs:
+            raise ConfigurationError(
+                f"a periodic job named {schedule.name!r} is already registered: give this one "
+                "another name="
+            )
+        self.periodic_jobs[schedule.name] = schedule
+        return schedule
+
+    def periodic_request(self, periodic: Periodic, tick: datetime) -> EnqueueRequest:
+        """The request that enqueues ``periodic``'s job for ``tick``."""
+        return EnqueueRequest(
+            periodic.task, periodic.args, dict(periodic.kwargs), periodic.options_for(tick)
+        )
 
     def queue(self, name: str, *, concurrency: int | None = None) -> None:
         """Declare a queue; ``concurrency=N`` allows at most N running jobs in it, fleet-wide.

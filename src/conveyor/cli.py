@@ -17,6 +17,7 @@ import re
 import signal
 import sys
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -25,6 +26,7 @@ from .app import Conveyor
 from .bench_settings import BenchSettings as Bench
 from .errors import ConfigurationError, ConveyorError
 from .job import Job, JobEvent, JobState
+from .periodic import Cron, Periodic
 from .pipelines import Pipeline, PipelineState
 from .services.pruner import Pruner
 from .worker import Worker
@@ -116,7 +118,9 @@ def with_app(
         @functools.wraps(fn)
         def command(*args: Any, database: str | None, app_spec: str | None, **kwargs: Any) -> Any:
             if require_app and not app_spec:
-                raise ConfigurationError("worker needs --app module:app (the tasks to run)")
+                raise ConfigurationError(
+                    f"{fn.__name__} needs --app module:app (the app that defines its tasks)"
+                )
             if pass_app_given:
                 kwargs["app_given"] = bool(app_spec)
             if setup is not None:
@@ -691,6 +695,40 @@ def pipelines_cancel(app: Conveyor, pipeline_id: int) -> None:
     """Cancel a running pipeline and its current step's job."""
     pipeline = app.cancel_pipeline(pipeline_id)
     click.echo(f"pipeline {pipeline.id} {pipeline.state} at step {pipeline.step}")
+
+
+@main.command()
+@with_app(require_app=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def periodic(app: Conveyor, as_json: bool) -> None:
+    """The app's periodic jobs: schedule, last tick and next tick (UTC, the database's clock)."""
+    now = app.backend.db_now()
+    rows = [periodic_dict(p, now) for p in app.periodic_jobs.values()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    columns = ("name", "task", "schedule", "queue", "last tick", "next tick")
+    cells = (
+        (r["name"], r["task"], r["schedule"], r["queue"], r["last_tick"] or "", r["next_tick"])
+        for r in rows
+    )
+    _console().print(_table(columns, cells))
+
+
+def periodic_dict(p: Periodic, now: datetime) -> dict[str, Any]:
+    schedule = p.schedule
+    latest, following = schedule.latest(now), schedule.next_after(now)
+    return {
+        "name": p.name,
+        "task": p.task,
+        "schedule": schedule.expression
+        if isinstance(schedule, Cron)
+        else f"every {schedule.seconds:g} s",
+        "queue": p.options.settled().queue,
+        "last_tick": None if latest is None else latest.isoformat(),
+        "next_tick": None if following is None else following.isoformat(),
+        "grace": p.grace,
+    }
 
 
 @main.command()

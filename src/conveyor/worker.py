@@ -31,6 +31,7 @@ from .job import Job, JobState
 from .options import check_queue_name
 from .services.pruner import Pruner
 from .services.rescuer import Rescuer
+from .services.scheduler import SCHEDULE_INTERVAL, Scheduler
 from .services.vacuum import DEFAULT_MIN_DEAD, IDLE_MIN_DEAD, Vacuum
 from .services.watchdog import Watchdog
 from .states import Outcome
@@ -77,6 +78,8 @@ class WorkerStats:
     rescued: int = 0
     pruned_jobs: int = 0
     pruned_events: int = 0
+    #: Periodic jobs this worker's scheduler enqueued (ticks it saw first).
+    periodic_enqueued: int = 0
 
 
 class Worker:
@@ -128,6 +131,7 @@ class Worker:
         self.batch_window = batch_window
         self.id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.stats = WorkerStats()
+        self._scheduler = Scheduler(app)
         self._attempts: dict[int, _Attempt] = {}
         self._outbox: list[Outcome] = []
         self._stopping = False
@@ -186,6 +190,10 @@ class Worker:
         if self.vacuum_interval is not None:
             services.append(
                 asyncio.create_task(self._every(self.vacuum_interval, self._vacuum_once))
+            )
+        if self.app.periodic_jobs and not until_idle:  # app.drain() enqueues no ticks
+            services.append(
+                asyncio.create_task(self._every(SCHEDULE_INTERVAL, self._schedule_once))
             )
         # Idle workers wake on a push where the backend has one (LISTEN/NOTIFY), else poll; the
         # pushing listener also claims for them (IdleClaim).
@@ -632,6 +640,10 @@ class Worker:
         idle = self._parked > 0 and not self._attempts
         min_dead = min(self.vacuum_min_dead, IDLE_MIN_DEAD) if idle else self.vacuum_min_dead
         await self._db(Vacuum(self.app.backend, min_dead, gentle=idle).run_once)
+
+    async def _schedule_once(self) -> None:
+        enqueued = await self._db(self._scheduler.run_once)
+        self.stats.periodic_enqueued += len(enqueued)
 
     async def _prune_once(self) -> None:
         assert self.prune_interval is not None

@@ -1,0 +1,288 @@
+"""Periodic jobs: a task enqueued on a schedule, a cron expression or a fixed interval, once per
+tick, fleet-wide.
+
+Every worker runs the scheduler (services/scheduler.py) about once a second. For each schedule it
+enqueues the latest tick at or before the database's clock, if that tick is at most ``grace``
+seconds old, as a job whose ``run_at`` is the tick and whose idempotency key is
+``periodic:<name>:<tick>``: the jobs table's unique index on idempotency keys lets exactly one
+enqueue of a tick in, however many workers try at once. A tick that no worker saw within
+``grace`` (none was running) is skipped, never made up later. Times are UTC.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from .errors import ConfigurationError
+from .options import Options, check_arguments, check_name
+from .serialization import dumps
+
+#: Days ``Cron.latest`` looks back: every expression that can fire does within 8 years (29
+#: February, in a century not divisible by 400, comes back after 8).
+_SEARCH_DAYS = 8 * 366
+_MONTHS = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]
+_DAYS = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"]
+_ALIASES = {
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
+#: (name, lowest, highest, names of the values from lowest on)
+_FIELDS: tuple[tuple[str, int, int, list[str]], ...] = (
+    ("minute", 0, 59, []),
+    ("hour", 0, 23, []),
+    ("day of month", 1, 31, []),
+    ("month", 1, 12, _MONTHS),
+    ("day of week", 0, 7, _DAYS),  # 7 is Sunday too
+)
+#: Most tick-to-enqueue lateness allowed by default (seconds).
+DEFAULT_GRACE = 60.0
+
+
+class Cron:
+    """A standard five-field cron expression, ``minute hour day-of-month month day-of-week``,
+    evaluated in UTC: ``*``, lists (``1,15``), ranges (``1-5``), steps (``*/15``, ``10-50/20``),
+    month and day names (``jan``, ``mon-fri``), Sunday as 0 or 7, and the aliases ``@hourly``,
+    ``@daily``, ``@weekly``, ``@monthly``, ``@yearly``. As in cron, when both the day of month and
+    the day of week are restricted, a day matching either one fires."""
+
+    def __init__(self, expression: str) -> None:
+        if not isinstance(expression, str):
+            raise ConfigurationError(f"cron expression must be a string, not {expression!r}")
+        self.expression = expression
+        parts = _ALIASES.get(expression.strip().lower(), expression).split()
+        if len(parts) != 5:
+            raise ConfigurationError(
+                f"cron {expression!r}: expected 5 fields (minute hour day-of-month month "
+                f"day-of-week) or an alias such as @daily, got {len(parts)}"
+            )
+        sets = [
+            _parse_field(expression, part, *spec) for part, spec in zip(parts, _FIELDS, strict=True)
+        ]
+        self.minutes, self.hours, self.days, self.months, weekdays = sets
+        self.weekdays = frozenset(d % 7 for d in weekdays)
+        self._days_restricted = not parts[2].startswith("*")
+        self._weekdays_restricted = not parts[4].startswith("*")
+        self._hours_desc = sorted(self.hours, reverse=True)
+        self._minutes_desc = sorted(self.minutes, reverse=True)
+        if self.latest(datetime(2400, 12, 31, 23, 59, tzinfo=UTC)) is None:
+            raise ConfigurationError(f"cron {expression!r} never fires (no such day)")
+
+    def __repr__(self) -> str:
+        return f"Cron({self.expression!r})"
+
+    def fires_on(self, day: date) -> bool:
+        if day.month not in self.months:
+            return False
+        by_date = day.day in self.days
+        by_weekday = (day.weekday() + 1) % 7 in self.weekdays  # Python: Monday 0; cron: Sunday 0
+        if self._days_restricted and self._weekdays_restricted:
+            return by_date or by_weekday
+        return by_date and by_weekday
+
+    def latest(self, at: datetime) -> datetime | None:
+        """The last time it fires at or before ``at`` (UTC, whole minutes); None if it did not in
+        the 8 years before."""
+        at = at.astimezone(UTC)
+        day = at.date()
+        for _ in range(_SEARCH_DAYS):
+            if self.fires_on(day):
+                last = (at.hour, at.minute) if day == at.date() else (23, 59)
+                time = self._latest_time(*last)
+                if time is not None:
+                    return datetime(day.year, day.month, day.day, *time, tzinfo=UTC)
+            if day == date.min:
+                return None
+            day -= timedelta(days=1)
+        return None
+
+    def next_after(self, at: datetime) -> datetime | None:
+        """The first time it fires after ``at`` (UTC, whole minutes); None if not within 8
+        years."""
+        start = at.astimezone(UTC).replace(second=0, microsecond=0) + timedelta(minutes=1)
+        day = start.date()
+        for _ in range(_SEARCH_DAYS):
+            if self.fires_on(day):
+                first = (start.hour, start.minute) if day == start.date() else (0, 0)
+                time = self._earliest_time(*first)
+                if time is not None:
+                    return datetime(day.year, day.month, day.day, *time, tzinfo=UTC)
+            if day == date.max:
+                return None
+            day += timedelta(days=1)
+        return None
+
+    def _earliest_time(self, hour: int, minute: int) -> tuple[int, int] | None:
+        """The earliest (hour, minute) it fires at, no earlier than ``hour:minute``."""
+        for h in reversed(self._hours_desc):
+            if h < hour:
+                continue
+            floor = minute if h == hour else 0
+            for m in reversed(self._minutes_desc):
+                if m >= floor:
+                    return h, m
+        return None
+
+    def _latest_time(self, hour: int, minute: int) -> tuple[int, int] | None:
+        """The latest (hour, minute) it fires at, no later than ``hour:minute``."""
+        for h in self._hours_desc:
+            if h > hour:
+                continue
+            limit = minute if h == hour else 59
+            for m in self._minutes_desc:
+                if m <= limit:
+                    return h, m
+        return None
+
+
+def _parse_field(
+    expression: str, text: str, name: str, low: int, high: int, names: list[str]
+) -> set[int]:
+    def fail(why: str) -> ConfigurationError:
+        return ConfigurationError(f"cron {expression!r}: bad {name} {text!r}: {why}")
+
+    def value(token: str) -> int:
+        token = token.lower()
+        if token in names:
+            return low + names.index(token)
+        if not token.isdigit():
+            raise fail(f"{token!r} is not a number{' or a name' if names else ''}")
+        number = int(token)
+        if not low <= number <= high:
+            raise fail(f"{number} is outside {low}-{high}")
+        return number
+
+    out: set[int] = set()
+    for item in text.split(","):
+        span, _, step_text = item.partition("/")
+        step = 1
+        if step_text:
+            if not step_text.isdigit() or int(step_text) < 1:
+                raise fail(f"step {step_text!r} must be a whole number of at least 1")
+            step = int(step_text)
+        if span == "*":
+            first, last = low, high
+        elif "-" in span:
+            a, _, b = span.partition("-")
+            first, last = value(a), value(b)
+            if first > last:
+                raise fail(f"range {span!r} runs backwards")
+        else:
+            first = value(span)
+            last = high if step_text else first  # "5/15": from 5 on, every 15
+        out.update(range(first, last + 1, step))
+    return out
+
+
+@dataclass(frozen=True)
+class Every:
+    """A fixed interval, in seconds: ticks at whole multiples of it since the Unix epoch (every
+    worker computes the same ticks)."""
+
+    seconds: float
+
+    def latest(self, at: datetime) -> datetime:
+        ticks = math.floor(at.timestamp() / self.seconds)
+        return datetime.fromtimestamp(ticks * self.seconds, UTC)
+
+    def next_after(self, at: datetime) -> datetime:
+        ticks = math.floor(at.timestamp() / self.seconds) + 1
+        return datetime.fromtimestamp(ticks * self.seconds, UTC)
+
+
+Schedule = Cron | Every
+
+
+@dataclass(frozen=True)
+class Periodic:
+    """A task enqueued on a schedule (``app.periodic(...)``)."""
+
+    name: str
+    task: str
+    schedule: Schedule
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    options: Options
+    #: How late (seconds) a tick may still be enqueued.
+    grace: float
+
+    def due(self, now: datetime) -> datetime | None:
+        """The tick to enqueue at ``now``: the latest at or before it, unless older than
+        ``grace``."""
+        tick = self.schedule.latest(now)
+        if tick is None or (now - tick).total_seconds() > self.grace:
+            return None
+        return tick
+
+    def key(self, tick: datetime) -> str:
+        """The idempotency key of ``tick``'s job."""
+        return f"periodic:{self.name}:{tick.astimezone(UTC).isoformat()}"
+
+    def options_for(self, tick: datetime) -> Options:
+        return self.options.merged(Options(run_at=tick, idempotency_key=self.key(tick)))
+
+
+#: Options a schedule sets itself on each of its jobs (or that make no sense for one).
+_RESERVED = ("run_at", "delay", "idempotency_key", "unique_key", "depends_on")
+
+
+def make_periodic(
+    task: str,
+    task_options: Options,
+    *,
+    cron: str | None,
+    every: float | timedelta | None,
+    name: str | None,
+    args: Sequence[Any],
+    kwargs: dict[str, Any] | None,
+    grace: float | timedelta,
+    options: dict[str, Any],
+    limit: int,
+) -> Periodic:
+    """Check and build a schedule (see ``Conveyor.periodic``); ``limit``: the payload limit."""
+    where = f"periodic {name or task}"
+    check_name("periodic", name or task)
+    if (cron is None) == (every is None):
+        raise ConfigurationError(f"{where}: give exactly one of cron= or every=")
+    reserved = sorted(set(options) & set(_RESERVED))
+    if reserved:
+        raise ConfigurationError(
+            f"{where}: {', '.join(reserved)} cannot be set: each tick's job gets its run_at (the "
+            "tick) and idempotency key from the schedule"
+        )
+    schedule: Schedule = Cron(cron) if cron is not None else Every(_seconds(where, "every", every))
+    call_args, call_kwargs = check_arguments(args, kwargs, where)
+    dumps(list(call_args), "args", limit)  # JSON, and within the limit, now rather than per tick
+    dumps(call_kwargs, "kwargs", limit)
+    return Periodic(
+        name=name or task,
+        task=task,
+        schedule=schedule,
+        args=tuple(call_args),
+        kwargs=call_kwargs,
+        options=task_options.merged(Options.build(where, **options)),
+        grace=_seconds(where, "grace", grace),
+    )
+
+
+def _seconds(where: str, what: str, value: float | timedelta | None) -> float:
+    seconds = value.total_seconds() if isinstance(value, timedelta) else value
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, int | float)
+        or not math.isfinite(seconds)
+        or seconds < 1
+    ):
+        raise ConfigurationError(f"{where}: {what}={value!r} must be at least 1 second")
+    return float(seconds)
+
+
+__all__ = ["DEFAULT_GRACE", "Cron", "Every", "Periodic", "Schedule", "make_periodic"]

@@ -1,0 +1,154 @@
+"""Periodic jobs: each tick of a schedule becomes exactly one job, however many schedulers (one
+per worker, on any host) see it; a tick older than its grace is skipped; workers run the
+scheduler themselves."""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from conveyor import Conveyor, JobState
+from conveyor.cli import main
+from conveyor.services.scheduler import Scheduler
+
+from .conftest import running_worker, together, wait_until
+
+
+def _schedule(app: Conveyor, **given: Any) -> Any:
+    @app.task(name="per.tick", queue="per")
+    def tick(label: str) -> str:
+        return label
+
+    return app.periodic(tick, args=["t"], **given)
+
+
+def _minute(app: Conveyor, seconds_past: float = 5.0) -> datetime:
+    """A time ``seconds_past`` after the next whole minute of the database clock."""
+    now = app.backend.db_now()
+    return now.replace(second=0, microsecond=0) + timedelta(minutes=1, seconds=seconds_past)
+
+
+def _jobs(app: Conveyor) -> list[Any]:
+    return sorted(app.list_jobs(queue="per", limit=1000), key=lambda j: j.id)
+
+
+def test_each_tick_is_enqueued_once_with_the_tick_as_run_at(app: Conveyor) -> None:
+    _schedule(app, cron="* * * * *", priority=4)
+    scheduler = Scheduler(app)
+    first = _minute(app)
+    tick = first.replace(second=0)
+
+    (job,) = scheduler.run_once(first)
+    assert (job.task, job.args, job.queue, job.priority) == ("per.tick", ["t"], "per", 4)
+    assert job.run_at == tick and job.state == JobState.QUEUED
+    assert job.idempotency_key == f"periodic:per.tick:{tick.isoformat()}"
+    assert scheduler.run_once(first + timedelta(seconds=30)) == []  # the same tick
+    assert Scheduler(app).run_once(first) == []  # a fresh scheduler: the key keeps it out
+    (following,) = scheduler.run_once(first + timedelta(minutes=1))
+    assert following.run_at == tick + timedelta(minutes=1)
+    assert [j.id for j in _jobs(app)] == [job.id, following.id]
+
+
+def test_a_tick_older_than_its_grace_is_skipped(app: Conveyor) -> None:
+    _schedule(app, cron="0 * * * *", grace=30)
+    hour = _minute(app, 0).replace(minute=0) + timedelta(hours=1)
+    assert Scheduler(app).run_once(hour + timedelta(seconds=31)) == []
+    assert _jobs(app) == []
+    assert len(Scheduler(app).run_once(hour + timedelta(seconds=29))) == 1
+    assert Scheduler(app).run_once(hour + timedelta(hours=1, minutes=5)) == []  # not made up
+    assert len(_jobs(app)) == 1
+
+
+def test_schedulers_of_many_workers_enqueue_each_tick_once(app: Conveyor) -> None:
+    """Eight schedulers on their own connections (as eight workers), released together on the
+    same ticks, five ticks in a row: five jobs, each inserted by exactly one of them."""
+    _schedule(app, every=60)
+    apps = [Conveyor(app.url) for _ in range(8)]
+    try:
+        for other in apps:
+            other.periodic_jobs = app.periodic_jobs
+            other.tasks = app.tasks
+        schedulers = [Scheduler(other) for other in apps]
+        first = _minute(app)
+        inserted: list[int] = []
+        lock = threading.Lock()
+
+        def run(scheduler: Scheduler, at: datetime) -> None:
+            jobs = scheduler.run_once(at)
+            with lock:
+                inserted.extend(j.id for j in jobs)
+
+        for k in range(5):
+            at = first + timedelta(minutes=k)
+            together(*[lambda s=s, at=at: run(s, at) for s in schedulers])
+        jobs = _jobs(app)
+        assert len(jobs) == 5 and sorted(inserted) == [j.id for j in jobs]
+        assert len({j.run_at for j in jobs}) == 5
+    finally:
+        for other in apps:
+            other.close()
+
+
+def test_a_worker_enqueues_and_runs_its_apps_periodic_jobs(app: Conveyor) -> None:
+    ran: list[str] = []
+
+    @app.task(name="per.beat", queue="per")
+    def beat(label: str) -> None:
+        ran.append(label)
+
+    app.periodic(beat, every=1, args=["beat"])
+    with running_worker(app, queues=["per"], poll_interval=0.05) as worker:
+        wait_until(lambda: len(ran) >= 2, timeout=10, what="two ticks to run")
+        assert worker.stats.periodic_enqueued >= 2
+    jobs = _jobs(app)
+    assert len({j.run_at for j in jobs}) == len(jobs)  # one job per tick
+    assert all(j.run_at.microsecond == 0 for j in jobs)
+
+
+def test_draining_in_tests_enqueues_no_ticks(app: Conveyor) -> None:
+    _schedule(app, every=1)
+    assert app.drain() == {}
+    assert _jobs(app) == []
+
+
+def test_conveyor_periodic_lists_schedules_with_their_last_and_next_tick(
+    app: Conveyor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = f"periodic_app_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{module}.py").write_text(
+        "from conveyor import Conveyor\n"
+        f"app = Conveyor({app.url!r})\n"
+        "@app.task(name='pm.clean', queue='maint')\n"
+        "def clean() -> None: ...\n"
+        "app.periodic(clean, cron='0 9 * * mon-fri')\n"
+        "app.periodic(clean, every=90, name='pm.often', grace=30)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    runner = CliRunner()
+    listed = runner.invoke(main, ["periodic", "--app", f"{module}:app", "--json"])
+    assert listed.exit_code == 0, listed.output
+    rows = {r["name"]: r for r in json.loads(listed.output)}
+    assert set(rows) == {"pm.clean", "pm.often"}
+    weekdays, often = rows["pm.clean"], rows["pm.often"]
+    assert (weekdays["schedule"], weekdays["queue"], weekdays["grace"]) == (
+        "0 9 * * mon-fri",
+        "maint",
+        60.0,
+    )
+    assert often["schedule"] == "every 90 s" and often["grace"] == 30.0
+    now = app.backend.db_now()
+    for row in rows.values():
+        last, following = (datetime.fromisoformat(row[k]) for k in ("last_tick", "next_tick"))
+        assert last <= now < following
+    assert datetime.fromisoformat(weekdays["next_tick"]).weekday() < 5
+    text = runner.invoke(main, ["periodic", "--app", f"{module}:app"])
+    assert text.exit_code == 0 and "pm.often" in text.output and "every 90 s" in text.output
+    refused = runner.invoke(main, ["periodic", "--database", app.url])
+    assert refused.exit_code != 0 and "periodic needs --app module:app" in refused.output

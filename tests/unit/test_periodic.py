@@ -1,0 +1,191 @@
+"""Schedules of periodic jobs: cron expressions parsed and evaluated as cron does, intervals, and
+the checks made when a schedule is registered."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from conveyor import ConfigurationError, Conveyor
+from conveyor.periodic import Cron, Every
+
+
+def at(*parts: int) -> datetime:
+    return datetime(*parts, tzinfo=UTC)  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("expression", "now", "latest"),
+    [
+        ("*/15 * * * *", at(2026, 11, 29, 10, 7, 30), at(2026, 11, 29, 10, 0)),
+        ("*/15 * * * *", at(2026, 11, 29, 10, 15), at(2026, 11, 29, 10, 15)),
+        ("* * * * *", at(2026, 11, 29, 10, 7, 59, 999999), at(2026, 11, 29, 10, 7)),
+        # weekdays at 9:00; 2026-11-29 is a Sunday: the Friday before
+        ("0 9 * * 1-5", at(2026, 11, 29, 12), at(2026, 11, 27, 9)),
+        ("0 9 * * mon-fri", at(2026, 11, 30, 8, 59), at(2026, 11, 27, 9)),
+        ("0 9 * * MON-FRI", at(2026, 11, 30, 9), at(2026, 11, 30, 9)),
+        ("30 2 1 * *", at(2026, 3, 1, 2, 29), at(2026, 2, 1, 2, 30)),
+        ("0 0 29 2 *", at(2027, 3, 1), at(2024, 2, 29)),
+        ("0 12 * jan,jul *", at(2026, 6, 30, 23, 59), at(2026, 1, 31, 12)),
+        # both days restricted: the 13th or a Friday (2026-11-13 is a Friday, 11-20 too)
+        ("0 0 13 * 5", at(2026, 11, 19), at(2026, 11, 13)),
+        ("0 0 13 * 5", at(2026, 11, 21), at(2026, 11, 20)),
+        ("0 0 15 * 1", at(2026, 11, 17), at(2026, 11, 16)),  # Monday the 16th, not the 15th
+        # one of them "*": the other alone decides
+        ("0 0 13 * *", at(2026, 11, 21), at(2026, 11, 13)),
+        ("0 0 */2 * 5", at(2026, 11, 21), at(2026, 11, 13)),  # */2 counts as "*": both apply
+        ("0 0 * * 7", at(2026, 11, 30), at(2026, 11, 29)),  # 7 is Sunday
+        ("0 0 * * sun", at(2026, 11, 30), at(2026, 11, 29)),
+        ("5/20 * * * *", at(2026, 11, 29, 10, 44), at(2026, 11, 29, 10, 25)),
+        ("10-50/20 3 * * *", at(2026, 11, 29, 3, 49), at(2026, 11, 29, 3, 30)),
+        ("0,30 * * * *", at(2026, 11, 29, 0, 0, 1), at(2026, 11, 29, 0, 0)),
+        ("@daily", at(2026, 11, 29, 23, 59), at(2026, 11, 29)),
+        ("@hourly", at(2026, 11, 29, 23, 59), at(2026, 11, 29, 23)),
+        ("@weekly", at(2026, 11, 28), at(2026, 11, 22)),
+        ("@monthly", at(2026, 11, 1), at(2026, 11, 1)),
+        ("@yearly", at(2026, 11, 29), at(2026, 1, 1)),
+    ],
+)
+def test_cron_latest_fire_time(expression: str, now: datetime, latest: datetime) -> None:
+    assert Cron(expression).latest(now) == latest
+
+
+def test_cron_next_fire_time() -> None:
+    assert Cron("0 9 * * 1-5").next_after(at(2026, 11, 27, 9)) == at(2026, 11, 30, 9)
+    assert Cron("*/15 * * * *").next_after(at(2026, 11, 29, 23, 59, 30)) == at(2026, 11, 30)
+    assert Cron("0 0 29 2 *").next_after(at(2026, 11, 29)) == at(2028, 2, 29)
+    assert Cron("@yearly").next_after(at(2026, 12, 31, 23, 59, 59)) == at(2027, 1, 1)
+
+
+def test_cron_latest_takes_any_timezone_and_answers_in_utc() -> None:
+    berlin = datetime(2026, 11, 29, 10, 7, tzinfo=UTC).astimezone(
+        __import__("zoneinfo").ZoneInfo("Europe/Berlin")
+    )
+    assert Cron("0 * * * *").latest(berlin) == at(2026, 11, 29, 10)
+
+
+def _naive_latest(cron: Cron, now: datetime, window: timedelta) -> datetime | None:
+    """Minute by minute back from ``now``, at most ``window``: the definition, slowly."""
+    t = now.replace(second=0, microsecond=0)
+    while now - t <= window:
+        if (
+            t.minute in cron.minutes
+            and t.hour in cron.hours
+            and t.month in cron.months
+            and cron.fires_on(t.date())
+        ):
+            return t
+        t -= timedelta(minutes=1)
+    return None
+
+
+def _naive_next(cron: Cron, now: datetime, window: timedelta) -> datetime | None:
+    t = now.replace(second=0, microsecond=0) + timedelta(minutes=1)
+    while t - now <= window:
+        if (
+            t.minute in cron.minutes
+            and t.hour in cron.hours
+            and t.month in cron.months
+            and cron.fires_on(t.date())
+        ):
+            return t
+        t += timedelta(minutes=1)
+    return None
+
+
+def test_cron_latest_agrees_with_a_minute_by_minute_search() -> None:
+    rng = random.Random(4)
+    fields = [
+        ["*", "*/7", "0", "5-10", "59", "0,30"],
+        ["*", "*/5", "0", "9-17", "23"],
+        ["*", "1", "*/10", "28-31", "15"],
+        ["*", "*", "*", "1-6", "*/3", "2"],
+        ["*", "1-5", "0", "6", "sat,sun"],
+    ]
+    window = timedelta(days=12)
+    found = 0
+    for _ in range(150):
+        cron = Cron(" ".join(rng.choice(options) for options in fields))
+        now = at(2026, 1, 1) + timedelta(minutes=rng.randrange(60 * 24 * 365))
+        expected = _naive_latest(cron, now, window)
+        latest = cron.latest(now)
+        assert latest is not None
+        if expected is None:
+            assert now - latest > window, (cron, now)
+        else:
+            found += 1
+            assert latest == expected, (cron, now)
+        following, expected_next = cron.next_after(now), _naive_next(cron, now, window)
+        assert following is not None and following > now
+        if expected_next is None:
+            assert following - now > window, (cron, now)
+        else:
+            assert following == expected_next, (cron, now)
+    assert found > 75  # the comparison was made, not skipped
+
+
+@pytest.mark.parametrize(
+    ("expression", "message"),
+    [
+        ("61 * * * *", r"bad minute '61': 61 is outside 0-59"),
+        ("* 24 * * *", r"bad hour '24'"),
+        ("* * 0 * *", r"bad day of month '0'"),
+        ("* * * 13 *", r"bad month '13'"),
+        ("* * * * 8", r"bad day of week '8'"),
+        ("* * * foo *", r"'foo' is not a number or a name"),
+        ("*/0 * * * *", r"step '0' must be a whole number of at least 1"),
+        ("5-1 * * * *", r"range '5-1' runs backwards"),
+        ("* * * *", r"expected 5 fields .* got 4"),
+        ("@often", r"expected 5 fields"),
+        ("0 0 30 2 *", r"never fires"),
+        ("0 0 31 4,6,9,11 *", r"never fires"),
+    ],
+)
+def test_a_bad_cron_expression_is_refused_naming_the_field(expression: str, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message) as info:
+        Cron(expression)
+    assert repr(expression) in str(info.value)
+
+
+def test_every_ticks_at_multiples_of_the_interval_since_the_epoch() -> None:
+    assert Every(30).latest(at(2026, 11, 29, 12, 0, 45)) == at(2026, 11, 29, 12, 0, 30)
+    assert Every(30).next_after(at(2026, 11, 29, 12, 0, 45)) == at(2026, 11, 29, 12, 1)
+    assert Every(30).next_after(at(2026, 11, 29, 12, 1)) == at(2026, 11, 29, 12, 1, 30)
+    assert Every(3600).latest(at(2026, 11, 29, 12, 59, 59)) == at(2026, 11, 29, 12)
+    assert Every(86400).latest(at(2026, 11, 29, 0, 0)) == at(2026, 11, 29)
+
+
+def test_registering_a_schedule_checks_everything_up_front(tmp_path: object) -> None:
+    app = Conveyor(f"sqlite:///{tmp_path}/p.db")
+
+    @app.task(name="p.tick", queue="ticks")
+    def tick(label: str) -> str:
+        return label
+
+    every = app.periodic(tick, every=timedelta(minutes=5), args=["five"], priority=3)
+    assert every.name == "p.tick" and every.schedule == Every(300.0)
+    assert every.options.queue == "ticks" and every.options.priority == 3
+    cron = app.periodic("p.tick", cron="@daily", name="p.daily", kwargs={"label": "day"})
+    assert app.periodic_jobs == {"p.tick": every, "p.daily": cron}
+
+    bad: list[tuple[dict[str, object], str]] = [
+        ({"cron": "* * * * *", "every": 60}, "exactly one of cron= or every="),
+        ({}, "exactly one of cron= or every="),
+        ({"every": 0.5}, r"every=0.5 must be at least 1 second"),
+        ({"every": 60, "grace": 0}, "grace=0 must be at least 1 second"),
+        ({"every": 60, "idempotency_key": "x"}, "idempotency_key cannot be set"),
+        ({"every": 60, "run_at": at(2030, 1, 1)}, "run_at cannot be set"),
+        ({"every": 60, "args": [object()]}, "args"),
+        ({"every": 60, "priority": "high"}, "priority"),
+        ({"every": 60, "name": "two words"}, "invalid periodic name"),
+        ({"every": 60}, "already registered"),  # p.tick again
+    ]
+    for given, message in bad:
+        with pytest.raises(Exception, match=message):
+            app.periodic(tick, **given)  # type: ignore[arg-type]
+    with pytest.raises(Exception, match=r"no task named 'p\.nope'"):
+        app.periodic("p.nope", every=60)
+    assert set(app.periodic_jobs) == {"p.tick", "p.daily"}
+    app.close()
