@@ -319,6 +319,7 @@ class Conveyor:
         *,
         cron: str | None = None,
         every: float | timedelta | None = None,
+        tz: str | None = None,
         name: str | None = None,
         args: Sequence[Any] = (),
         kwargs: dict[str, Any] | None = None,
@@ -326,8 +327,9 @@ class Conveyor:
         **options: Any,
     ) -> Periodic:
         """Enqueue ``task`` (registered here) on a schedule, once per tick fleet-wide: ``cron``, a
-        five-field cron expression in UTC (``"*/15 * * * *"``, ``"0 9 * * mon-fri"``,
-        ``"@daily"``), or ``every``, an interval of at least a second. Each tick's job is
+        five-field cron expression (``"*/15 * * * *"``, ``"0 9 * * mon-fri"``, ``"@daily"``) in
+        UTC or in the time zone ``tz`` (``"Europe/Berlin"``), or ``every``, an interval of at
+        least a second. Each tick's job is
         called with ``args`` and ``kwargs``, has the tick as its ``run_at`` and the task's options
         updated by ``options`` (queue, priority, max_attempts, timeout, ...). A tick no worker saw
         within ``grace`` seconds is skipped. ``name`` (default: the task's) must be unique here.
@@ -340,6 +342,7 @@ class Conveyor:
             task_obj.defaults,
             cron=cron,
             every=every,
+            tz=tz,
             name=name,
             args=args,
             kwargs=kwargs,

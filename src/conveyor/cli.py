@@ -26,7 +26,7 @@ from .app import Conveyor
 from .bench_settings import BenchSettings as Bench
 from .errors import ConfigurationError, ConveyorError
 from .job import Job, JobEvent, JobState
-from .periodic import Cron, Periodic
+from .periodic import Cron, Every, Periodic
 from .pipelines import Pipeline, PipelineState
 from .services.pruner import Pruner
 from .worker import Worker
@@ -715,15 +715,19 @@ def periodic(app: Conveyor, as_json: bool) -> None:
     _console().print(_table(columns, cells))
 
 
+def _schedule_text(schedule: Cron | Every) -> str:
+    if isinstance(schedule, Every):
+        return f"every {schedule.seconds:g} s"
+    return schedule.expression if schedule.tz is None else f"{schedule.expression} ({schedule.tz})"
+
+
 def periodic_dict(p: Periodic, now: datetime) -> dict[str, Any]:
     schedule = p.schedule
     latest, following = schedule.latest(now), schedule.next_after(now)
     return {
         "name": p.name,
         "task": p.task,
-        "schedule": schedule.expression
-        if isinstance(schedule, Cron)
-        else f"every {schedule.seconds:g} s",
+        "schedule": _schedule_text(schedule),
         "queue": p.options.settled().queue,
         "last_tick": None if latest is None else latest.isoformat(),
         "next_tick": None if following is None else following.isoformat(),

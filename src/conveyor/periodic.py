@@ -6,7 +6,8 @@ enqueues the latest tick at or before the database's clock, if that tick is at m
 seconds old, as a job whose ``run_at`` is the tick and whose idempotency key is
 ``periodic:<name>:<tick>``: the jobs table's unique index on idempotency keys lets exactly one
 enqueue of a tick in, however many workers try at once. A tick that no worker saw within
-``grace`` (none was running) is skipped, never made up later. Times are UTC.
+``grace`` (none was running) is skipped, never made up later. Ticks are moments in UTC; a cron
+expression is read on the wall clock of UTC or of the schedule's time zone.
 """
 
 from __future__ import annotations
@@ -14,14 +15,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, tzinfo
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .errors import ConfigurationError
-from .options import Options, check_arguments, check_name
+from .options import MAX_DELAY, Options, check_arguments, check_name
 from .serialization import dumps
 
-#: Days ``Cron.latest`` looks back: every expression that can fire does within 8 years (29
+#: Days ``Cron`` searches back or ahead: every expression that can fire does within 8 years (29
 #: February, in a century not divisible by 400, comes back after 8).
 _SEARCH_DAYS = 8 * 366
 _MONTHS = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]
@@ -43,21 +45,27 @@ _FIELDS: tuple[tuple[str, int, int, list[str]], ...] = (
     ("month", 1, 12, _MONTHS),
     ("day of week", 0, 7, _DAYS),  # 7 is Sunday too
 )
+#: Minutes a clock change may shift wall times by (more than any time zone's, 2 hours, needs).
+_CLOCK_CHANGE = 180
 #: Most tick-to-enqueue lateness allowed by default (seconds).
 DEFAULT_GRACE = 60.0
 
 
 class Cron:
     """A standard five-field cron expression, ``minute hour day-of-month month day-of-week``,
-    evaluated in UTC: ``*``, lists (``1,15``), ranges (``1-5``), steps (``*/15``, ``10-50/20``),
-    month and day names (``jan``, ``mon-fri``), Sunday as 0 or 7, and the aliases ``@hourly``,
-    ``@daily``, ``@weekly``, ``@monthly``, ``@yearly``. As in cron, when both the day of month and
-    the day of week are restricted, a day matching either one fires."""
+    evaluated in UTC or in the time zone ``tz`` (an IANA name): ``*``, lists (``1,15``), ranges
+    (``1-5``), steps (``*/15``, ``10-50/20``), month and day names (``jan``, ``mon-fri``), Sunday as
+    0 or 7, and the aliases ``@hourly``, ``@daily``, ``@weekly``, ``@monthly``, ``@yearly``. As in
+    cron, when both the day of month and the day of week are restricted, a day matching either
+    one fires. In a time zone, a wall time that a clock change skips fires as the clocks say it an
+    hour later (02:30 becomes 03:30), and one that a change repeats fires once, the first time."""
 
-    def __init__(self, expression: str) -> None:
+    def __init__(self, expression: str, tz: str | None = None) -> None:
         if not isinstance(expression, str):
             raise ConfigurationError(f"cron expression must be a string, not {expression!r}")
         self.expression = expression
+        self.tz = tz
+        self._zone = _zone(expression, tz)
         parts = _ALIASES.get(expression.strip().lower(), expression).split()
         if len(parts) != 5:
             raise ConfigurationError(
@@ -71,15 +79,30 @@ class Cron:
         self.weekdays = frozenset(d % 7 for d in weekdays)
         self._days_restricted = not parts[2].startswith("*")
         self._weekdays_restricted = not parts[4].startswith("*")
-        self._hours_desc = sorted(self.hours, reverse=True)
-        self._minutes_desc = sorted(self.minutes, reverse=True)
-        if self.latest(datetime(2400, 12, 31, 23, 59, tzinfo=UTC)) is None:
+        # every (hour, minute) it fires at in a day, latest first
+        self._times_desc = [(h, m) for h in sorted(self.hours, reverse=True)
+                            for m in sorted(self.minutes, reverse=True)]  # fmt: skip
+        if self.latest(datetime(2400, 12, 31, 12, tzinfo=UTC)) is None:
             raise ConfigurationError(f"cron {expression!r} never fires (no such day)")
 
     def __repr__(self) -> str:
-        return f"Cron({self.expression!r})"
+        return (
+            f"Cron({self.expression!r})"
+            if self.tz is None
+            else (f"Cron({self.expression!r}, tz={self.tz!r})")
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Cron) and (other.expression, other.tz) == (
+            self.expression,
+            self.tz,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.expression, self.tz))
 
     def fires_on(self, day: date) -> bool:
+        """Whether it fires on ``day`` (a date of its time zone)."""
         if day.month not in self.months:
             return False
         by_date = day.day in self.days
@@ -89,58 +112,87 @@ class Cron:
         return by_date and by_weekday
 
     def latest(self, at: datetime) -> datetime | None:
-        """The last time it fires at or before ``at`` (UTC, whole minutes); None if it did not in
-        the 8 years before."""
+        """The last time it fires at or before ``at``, in UTC (whole minutes); None if it did not
+        in the 8 years before."""
         at = at.astimezone(UTC)
-        day = at.date()
+        local = at.astimezone(self._zone)
+        day = local.date()
         for _ in range(_SEARCH_DAYS):
             if self.fires_on(day):
-                last = (at.hour, at.minute) if day == at.date() else (23, 59)
-                time = self._latest_time(*last)
-                if time is not None:
-                    return datetime(day.year, day.month, day.day, *time, tzinfo=UTC)
+                fire = self._nearest(day, at, local, self._times_desc, before=True)
+                if fire is not None:
+                    return fire
             if day == date.min:
                 return None
             day -= timedelta(days=1)
         return None
 
     def next_after(self, at: datetime) -> datetime | None:
-        """The first time it fires after ``at`` (UTC, whole minutes); None if not within 8
+        """The first time it fires after ``at``, in UTC (whole minutes); None if not within 8
         years."""
-        start = at.astimezone(UTC).replace(second=0, microsecond=0) + timedelta(minutes=1)
-        day = start.date()
+        at = at.astimezone(UTC)
+        local = at.astimezone(self._zone)
+        day = local.date()
+        ascending = self._times_desc[::-1]
         for _ in range(_SEARCH_DAYS):
             if self.fires_on(day):
-                first = (start.hour, start.minute) if day == start.date() else (0, 0)
-                time = self._earliest_time(*first)
-                if time is not None:
-                    return datetime(day.year, day.month, day.day, *time, tzinfo=UTC)
+                fire = self._nearest(day, at, local, ascending, before=False)
+                if fire is not None:
+                    return fire
             if day == date.max:
                 return None
             day += timedelta(days=1)
         return None
 
-    def _earliest_time(self, hour: int, minute: int) -> tuple[int, int] | None:
-        """The earliest (hour, minute) it fires at, no earlier than ``hour:minute``."""
-        for h in reversed(self._hours_desc):
-            if h < hour:
+    def _nearest(
+        self,
+        day: date,
+        at: datetime,
+        local: datetime,
+        times: list[tuple[int, int]],
+        before: bool,
+    ) -> datetime | None:
+        """Of ``day``'s fire times, the latest at or before ``at`` (``before``), else the first
+        after it. ``times`` run away from ``at`` (latest first when looking back). Wall times map
+        to moments in order, but for the hour around a clock change: so the search goes on for
+        ``_CLOCK_CHANGE`` past the first match, and ignores wall times that far beyond ``at``'s."""
+        best: datetime | None = None
+        stop: int | None = None
+        mark = local.hour * 60 + local.minute if day == local.date() else None
+        sign = 1 if before else -1
+        for h, m in times:
+            wall = h * 60 + m
+            if mark is not None and sign * (wall - mark) > _CLOCK_CHANGE:
                 continue
-            floor = minute if h == hour else 0
-            for m in reversed(self._minutes_desc):
-                if m >= floor:
-                    return h, m
-        return None
+            if stop is not None and sign * (stop - wall) > 0:
+                break
+            fire = self._utc(day, h, m)
+            if (fire <= at) if before else (fire > at):
+                if best is None or ((fire > best) if before else (fire < best)):
+                    best = fire
+                if stop is None:
+                    stop = wall - sign * _CLOCK_CHANGE
+        return best
 
-    def _latest_time(self, hour: int, minute: int) -> tuple[int, int] | None:
-        """The latest (hour, minute) it fires at, no later than ``hour:minute``."""
-        for h in self._hours_desc:
-            if h > hour:
-                continue
-            limit = minute if h == hour else 59
-            for m in self._minutes_desc:
-                if m <= limit:
-                    return h, m
-        return None
+    def _utc(self, day: date, hour: int, minute: int) -> datetime:
+        """The moment a wall time of its zone names: a skipped one as the clocks say it an hour
+        later, a repeated one at its first occurrence (``fold=0`` does both)."""
+        wall = datetime(day.year, day.month, day.day, hour, minute, tzinfo=self._zone)
+        return wall.astimezone(UTC)
+
+
+def _zone(expression: str, tz: str | None) -> tzinfo:
+    if tz is None:
+        return UTC
+    try:
+        if not isinstance(tz, str):
+            raise TypeError
+        return ZoneInfo(tz)
+    except (TypeError, ValueError, ZoneInfoNotFoundError):
+        raise ConfigurationError(
+            f"cron {expression!r}: unknown time zone {tz!r} (use an IANA name such as "
+            "'Europe/Berlin')"
+        ) from None
 
 
 def _parse_field(
@@ -240,6 +292,7 @@ def make_periodic(
     *,
     cron: str | None,
     every: float | timedelta | None,
+    tz: str | None,
     name: str | None,
     args: Sequence[Any],
     kwargs: dict[str, Any] | None,
@@ -258,7 +311,11 @@ def make_periodic(
             f"{where}: {', '.join(reserved)} cannot be set: each tick's job gets its run_at (the "
             "tick) and idempotency key from the schedule"
         )
-    schedule: Schedule = Cron(cron) if cron is not None else Every(_seconds(where, "every", every))
+    if tz is not None and cron is None:
+        raise ConfigurationError(f"{where}: tz= applies to cron= only (every= counts seconds)")
+    schedule: Schedule = (
+        Cron(cron, tz) if cron is not None else Every(_seconds(where, "every", every))
+    )
     call_args, call_kwargs = check_arguments(args, kwargs, where)
     dumps(list(call_args), "args", limit)  # JSON, and within the limit, now rather than per tick
     dumps(call_kwargs, "kwargs", limit)
@@ -279,9 +336,11 @@ def _seconds(where: str, what: str, value: float | timedelta | None) -> float:
         isinstance(seconds, bool)
         or not isinstance(seconds, int | float)
         or not math.isfinite(seconds)
-        or seconds < 1
+        or not 1 <= seconds <= MAX_DELAY
     ):
-        raise ConfigurationError(f"{where}: {what}={value!r} must be at least 1 second")
+        raise ConfigurationError(
+            f"{where}: {what}={value!r} must be at least 1 second and at most 100 years"
+        )
     return float(seconds)
 
 

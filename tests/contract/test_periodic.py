@@ -56,6 +56,14 @@ def test_each_tick_is_enqueued_once_with_the_tick_as_run_at(app: Conveyor) -> No
     assert [j.id for j in _jobs(app)] == [job.id, following.id]
 
 
+def test_a_schedule_in_a_time_zone_ticks_on_its_wall_clock(app: Conveyor) -> None:
+    _schedule(app, cron="0 9 * * *", tz="America/New_York", name="per.ny")
+    nine = datetime.fromisoformat("2026-12-01T14:00:00+00:00")  # 09:00 EST
+    (job,) = Scheduler(app).run_once(nine + timedelta(seconds=20))
+    assert job.run_at == nine and job.idempotency_key == "periodic:per.ny:2026-12-01T14:00:00+00:00"
+    assert Scheduler(app).run_once(nine - timedelta(minutes=1)) == []  # 08:59: yesterday's, late
+
+
 def test_a_tick_older_than_its_grace_is_skipped(app: Conveyor) -> None:
     _schedule(app, cron="0 * * * *", grace=30)
     hour = _minute(app, 0).replace(minute=0) + timedelta(hours=1)

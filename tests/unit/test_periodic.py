@@ -59,6 +59,79 @@ def test_cron_next_fire_time() -> None:
     assert Cron("@yearly").next_after(at(2026, 12, 31, 23, 59, 59)) == at(2027, 1, 1)
 
 
+BERLIN = "Europe/Berlin"  # CET (+1), CEST (+2) from 2026-03-29 02:00 to 2026-10-25 03:00
+
+
+@pytest.mark.parametrize(
+    ("expression", "now", "latest"),
+    [
+        # 09:00 Berlin time on weekdays: 08:00 UTC in winter, 07:00 in summer
+        ("0 9 * * mon-fri", at(2026, 11, 30, 8, 30), at(2026, 11, 30, 8)),
+        ("0 9 * * mon-fri", at(2026, 11, 30, 7, 59), at(2026, 11, 27, 8)),
+        ("0 9 * * mon-fri", at(2026, 6, 1, 7, 30), at(2026, 6, 1, 7)),
+        # the local day decides the date: 00:30 Berlin on the 1st is 23:30 UTC on the 31st
+        ("30 0 1 * *", at(2026, 1, 1), at(2025, 12, 31, 23, 30)),
+        # 02:30 does not exist on 2026-03-29: it fires at 03:30 CEST (01:30 UTC)
+        ("30 2 * * *", at(2026, 3, 29, 1, 40), at(2026, 3, 29, 1, 30)),
+        ("30 2 * * *", at(2026, 3, 29, 1, 20), at(2026, 3, 28, 1, 30)),
+        # 02:30 comes twice on 2026-10-25: only the first (00:30 UTC) fires
+        ("30 2 * * *", at(2026, 10, 25, 1, 45), at(2026, 10, 25, 0, 30)),
+        # ... and so do 02:00 and 02:30 of a half-hourly one: the repeated hour fires once
+        ("*/30 * * * *", at(2026, 10, 25, 1, 15), at(2026, 10, 25, 0, 30)),
+        ("*/30 * * * *", at(2026, 10, 25, 2, 0), at(2026, 10, 25, 2, 0)),  # 03:00 CET
+        # 02:00 and 02:30 do not exist on 2026-03-29: they fire with 03:00 and 03:30 CEST
+        ("0,30 2,3 * * *", at(2026, 3, 29, 1, 35), at(2026, 3, 29, 1, 30)),
+        ("0,30 2,3 * * *", at(2026, 3, 29, 1, 29), at(2026, 3, 29, 1, 0)),
+    ],
+)
+def test_cron_in_a_time_zone(expression: str, now: datetime, latest: datetime) -> None:
+    assert Cron(expression, BERLIN).latest(now) == latest
+
+
+def test_cron_in_a_time_zone_fires_once_per_wall_time_across_clock_changes() -> None:
+    cron = Cron("30 2 * * *", BERLIN)
+    assert cron.next_after(at(2026, 10, 25, 0, 30)) == at(2026, 10, 26, 1, 30)  # not 01:30 UTC
+    assert cron.next_after(at(2026, 3, 28, 1, 30)) == at(2026, 3, 29, 1, 30)  # 03:30 CEST
+    ticks, t = [], at(2026, 3, 27)
+    while t < at(2026, 3, 31):
+        ticks.append(t := cron.next_after(t))  # type: ignore[arg-type]
+    assert ticks == [at(2026, 3, 27, 1, 30), at(2026, 3, 28, 1, 30), at(2026, 3, 29, 1, 30),
+                     at(2026, 3, 30, 0, 30), at(2026, 3, 31, 0, 30)]  # fmt: skip
+    with pytest.raises(ConfigurationError, match="unknown time zone 'Mars/Olympus'"):
+        Cron("* * * * *", "Mars/Olympus")
+
+
+def test_cron_in_a_time_zone_agrees_with_its_wall_times_listed_around_clock_changes() -> None:
+    """Every fire time of the days around a clock change, listed from the wall times (each
+    as ``fold=0`` reads it), against ``latest`` and ``next_after`` at many moments between."""
+    rng = random.Random(7)
+    changes = {
+        "Europe/Berlin": [at(2026, 3, 29, 1), at(2026, 10, 25, 1)],
+        "America/New_York": [at(2026, 3, 8, 7), at(2026, 11, 1, 6)],
+        "Australia/Lord_Howe": [at(2026, 4, 4, 15), at(2026, 10, 3, 15, 30)],  # 30 min changes
+    }
+    expressions = ["*/30 * * * *", "15,45 1-3 * * *", "0 2 * * *", "*/20 1,2 * * *", "59 * * * *"]
+    for zone_name, moments in changes.items():
+        zone = __import__("zoneinfo").ZoneInfo(zone_name)
+        for expression in expressions:
+            cron = Cron(expression, zone_name)
+            for change in moments:
+                fires = sorted(
+                    {
+                        datetime(d.year, d.month, d.day, h, m, tzinfo=zone).astimezone(UTC)
+                        for k in range(-3, 4)
+                        for d in [(change + timedelta(days=k)).astimezone(zone).date()]
+                        if cron.fires_on(d)
+                        for h in cron.hours
+                        for m in cron.minutes
+                    }
+                )
+                for _ in range(40):
+                    now = change + timedelta(minutes=rng.randrange(-1440, 1440))
+                    assert cron.latest(now) == max(f for f in fires if f <= now), (cron, now)
+                    assert cron.next_after(now) == min(f for f in fires if f > now), (cron, now)
+
+
 def test_cron_latest_takes_any_timezone_and_answers_in_utc() -> None:
     berlin = datetime(2026, 11, 29, 10, 7, tzinfo=UTC).astimezone(
         __import__("zoneinfo").ZoneInfo("Europe/Berlin")
@@ -167,19 +240,24 @@ def test_registering_a_schedule_checks_everything_up_front(tmp_path: object) -> 
     every = app.periodic(tick, every=timedelta(minutes=5), args=["five"], priority=3)
     assert every.name == "p.tick" and every.schedule == Every(300.0)
     assert every.options.queue == "ticks" and every.options.priority == 3
-    cron = app.periodic("p.tick", cron="@daily", name="p.daily", kwargs={"label": "day"})
+    cron = app.periodic("p.tick", cron="@daily", tz=BERLIN, name="p.daily", kwargs={"label": "day"})
+    assert cron.schedule == Cron("@daily", BERLIN) and cron.schedule != Cron("@daily")
     assert app.periodic_jobs == {"p.tick": every, "p.daily": cron}
 
     bad: list[tuple[dict[str, object], str]] = [
         ({"cron": "* * * * *", "every": 60}, "exactly one of cron= or every="),
         ({}, "exactly one of cron= or every="),
         ({"every": 0.5}, r"every=0.5 must be at least 1 second"),
+        ({"every": 1e12}, r"every=1000000000000.0 must be .* at most 100 years"),
+        ({"every": float("nan")}, r"every=nan must be"),
         ({"every": 60, "grace": 0}, "grace=0 must be at least 1 second"),
         ({"every": 60, "idempotency_key": "x"}, "idempotency_key cannot be set"),
         ({"every": 60, "run_at": at(2030, 1, 1)}, "run_at cannot be set"),
         ({"every": 60, "args": [object()]}, "args"),
         ({"every": 60, "priority": "high"}, "priority"),
         ({"every": 60, "name": "two words"}, "invalid periodic name"),
+        ({"every": 60, "tz": BERLIN}, "tz= applies to cron= only"),
+        ({"cron": "@daily", "tz": "Nowhere/Town", "name": "p.tz"}, "unknown time zone"),
         ({"every": 60}, "already registered"),  # p.tick again
     ]
     for given, message in bad:
