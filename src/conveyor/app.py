@@ -221,6 +221,9 @@ class Conveyor:
         self.tasks: dict[str, Task[Any, Any]] = {}
         #: Periodic jobs by name (``periodic``), enqueued by every worker's scheduler.
         self.periodic_jobs: dict[str, Periodic] = {}
+        #: Inline mode for users' tests (``conveyor.testing.inline``): each enqueue runs the due
+        #: jobs before it returns.
+        self.inline = False
         self.queues: dict[str, int | None] = {}
         self._backend: Backend | None = None
         self._schema_checked = False
@@ -413,8 +416,27 @@ class Conveyor:
             else:  # all checked before anything is written in the caller's transaction
                 new_jobs = [self._new_job(r, i) for i, r in enumerate(requests)]
             jobs = self._bind(self.backend.job_insert_many(new_jobs, connection=connection))
-        self._wake_workers()
+        if self._enqueued(connection):
+            return [self._refreshed(job) for job in jobs]
         return jobs
+
+    def _enqueued(self, connection: Any) -> bool:
+        """After an enqueue: wake this process's workers; in inline mode (testing.inline), run
+        the due jobs now, unless they wait for the caller's commit. True when they ran."""
+        self._wake_workers()
+        if not self.inline or connection is not None:
+            return False
+        from .testing import run_due_jobs
+
+        run_due_jobs(self)
+        return True
+
+    def _refreshed(self, job: Job) -> Job:
+        """``job`` as the database has it now (as it was, if it is gone)."""
+        try:
+            return self.get_job(job.id)
+        except JobNotFoundError:
+            return job
 
     def _wake_workers(self) -> None:
         for callback in list(self._wake_callbacks):
@@ -612,7 +634,8 @@ class Conveyor:
             serialization.dumps(start_kwargs, "kwargs", limit),
             connection=connection,
         )
-        self._wake_workers()
+        if self._enqueued(connection):
+            pipeline = self.flows.pipeline_get(pipeline.id)
         return self._bind_flow(pipeline)
 
     def get_pipeline(self, pipeline_id: int) -> Pipeline:
@@ -700,7 +723,8 @@ class Conveyor:
             else spec_from_request(on_complete, "on_complete", self.max_payload_bytes)
         )
         batch = self.flows.batch_create(new_jobs, spec, connection=connection)
-        self._wake_workers()
+        if self._enqueued(connection):
+            batch = self.flows.batch_get(batch.id)
         return self._bind_flow(batch)
 
     async def batch_async(

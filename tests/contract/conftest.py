@@ -19,6 +19,7 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 import pytest
 
 from conveyor import Conveyor, Job, JobNotFoundError, Worker
+from conveyor.pipelines import BatchNotFoundError, PipelineNotFoundError
 
 WORKER = "worker-a"
 
@@ -80,12 +81,24 @@ def together(*actions: Callable[[], Any]) -> None:
     assert not errors, errors
 
 
-def job_exists(app: Conveyor, job_id: int) -> bool:
+def _found(lookup: Callable[[int], Any], id: int, missing: type[Exception]) -> bool:
     try:
-        app.get_job(job_id)
-    except JobNotFoundError:
+        lookup(id)
+    except missing:
         return False
     return True
+
+
+def job_exists(app: Conveyor, job_id: int) -> bool:
+    return _found(app.get_job, job_id, JobNotFoundError)
+
+
+def pipeline_exists(app: Conveyor, pipeline_id: int) -> bool:
+    return _found(app.get_pipeline, pipeline_id, PipelineNotFoundError)
+
+
+def batch_exists(app: Conveyor, batch_id: int) -> bool:
+    return _found(app.get_batch, batch_id, BatchNotFoundError)
 
 
 def is_sqlite(url: str) -> bool:

@@ -15,11 +15,19 @@ from click.testing import CliRunner
 from conveyor import ConfigurationError, Conveyor, JobState, Worker
 from conveyor.backends.base import NewJob
 from conveyor.cli import main
-from conveyor.pipelines import BatchNotFoundError, PipelineNotFoundError
 from conveyor.services.pruner import DAY, Pruner, PruneResult, Retention
 from conveyor.states import Backoff, cancel, fail, succeed
 
-from .conftest import RawDB, claim_one, job_exists, running_worker, together, wait_until
+from .conftest import (
+    RawDB,
+    batch_exists,
+    claim_one,
+    job_exists,
+    pipeline_exists,
+    running_worker,
+    together,
+    wait_until,
+)
 
 S, D, C = JobState.SUCCEEDED, JobState.DEAD, JobState.CANCELLED
 
@@ -82,22 +90,6 @@ def test_pruner_deletes_only_what_is_past_retention(app: Conveyor, raw: RawDB) -
     assert raw.scalar("SELECT count(*) FROM conveyor_job_events") == 0
 
 
-def _pipeline_exists(app: Conveyor, pipeline_id: int) -> bool:
-    try:
-        app.get_pipeline(pipeline_id)
-    except PipelineNotFoundError:
-        return False
-    return True
-
-
-def _batch_exists(app: Conveyor, batch_id: int) -> bool:
-    try:
-        app.get_batch(batch_id)
-    except BatchNotFoundError:
-        return False
-    return True
-
-
 def test_finished_pipelines_and_batches_go_past_retention_once_their_jobs_have(
     app: Conveyor,
 ) -> None:
@@ -118,13 +110,13 @@ def test_finished_pipelines_and_batches_go_past_retention_once_their_jobs_have(
     first = pruner.run_once(_later(app, 29))  # the jobs go (7 days), the flows stay (30)
     assert (first.jobs["succeeded"], first.pipelines, first.batches) == (4, 0, 0)
     assert app.flows.pipeline_jobs(done.id) == [] and app.flows.batch_jobs(batch.id) == []
-    assert _pipeline_exists(app, done.id) and _batch_exists(app, batch.id)
+    assert pipeline_exists(app, done.id) and batch_exists(app, batch.id)
 
     month = pruner.run_once(_later(app, 30.1))
     assert (month.pipelines, month.batches) == (1, 1)
-    assert not _pipeline_exists(app, done.id) and not _batch_exists(app, batch.id)
+    assert not pipeline_exists(app, done.id) and not batch_exists(app, batch.id)
     assert pruner.run_once(_later(app, 3650)).pipelines == 0  # never the running ones
-    assert _pipeline_exists(app, running.id) and _batch_exists(app, open_batch.id)
+    assert pipeline_exists(app, running.id) and batch_exists(app, open_batch.id)
     assert app.get_pipeline(running.id).state == "running"
 
 
@@ -144,12 +136,12 @@ def test_a_pipeline_or_batch_stays_while_any_of_its_jobs_does(app: Conveyor) -> 
 
     kept = pruner.run_once(_later(app, 365))
     assert (kept.pipelines, kept.batches) == (0, 0)
-    assert _pipeline_exists(app, failed.id) and _batch_exists(app, batch.id)
+    assert pipeline_exists(app, failed.id) and batch_exists(app, batch.id)
     for job in [dead, *app.flows.batch_jobs(batch.id)]:
         assert app.delete_job(job.id)
     gone = pruner.run_once(_later(app, 365))
     assert (gone.pipelines, gone.batches) == (1, 1)
-    assert not _pipeline_exists(app, failed.id) and not _batch_exists(app, batch.id)
+    assert not pipeline_exists(app, failed.id) and not batch_exists(app, batch.id)
     forever = Retention(pipelines=None, batches=None)
     assert Pruner(app.backend, forever).run_once(_later(app, 3650)).statements == 4
 

@@ -15,9 +15,9 @@ import pytest
 from conveyor import ConfigurationError, Conveyor, InvalidArgumentsError
 from conveyor.backends.base import NewJob
 from conveyor.backends.postgres.bulk import COPY_MIN
-from conveyor.pipelines import BatchNotFoundError, PipelineNotFoundError
+from conveyor.pipelines import BatchNotFoundError
 
-from .conftest import RawDB, job_exists
+from .conftest import RawDB, job_exists, pipeline_exists
 
 
 @pytest.fixture
@@ -182,14 +182,6 @@ def _flows_of(app: Conveyor) -> tuple[Any, Any]:
     return app.pipeline("tx.deliver", [ship.step(name="pack"), ship.step(name="send")]), report
 
 
-def _pipeline_exists(app: Conveyor, pipeline_id: int) -> bool:
-    try:
-        app.get_pipeline(pipeline_id)
-    except PipelineNotFoundError:
-        return False
-    return True
-
-
 def test_a_pipeline_exists_only_once_the_caller_commits(
     app: Conveyor, conn: Any, raw: RawDB
 ) -> None:
@@ -199,7 +191,7 @@ def test_a_pipeline_exists_only_once_the_caller_commits(
 
     assert run.state == "running" and run.entity == "order-7"  # read back on the caller's
     assert _in_transaction(conn), "Conveyor must not commit the caller's transaction"
-    assert not _pipeline_exists(app, run.id) and raw.count_jobs() == 0
+    assert not pipeline_exists(app, run.id) and raw.count_jobs() == 0
 
     conn.commit()
 
@@ -255,7 +247,7 @@ def test_with_no_transaction_open_yet_the_one_it_opens_is_left_to_the_caller(
     run = deliver.start(args=[13], connection=conn)
     assert _in_transaction(conn), "Conveyor must not commit the transaction it opened"
     conn.rollback()
-    assert not _pipeline_exists(app, run.id) and raw.count_jobs() == 0
+    assert not pipeline_exists(app, run.id) and raw.count_jobs() == 0
     batch = app.batch([app.tasks["tx.ship"].request(14)], report.request(), connection=conn)
     assert _in_transaction(conn)
     conn.rollback()

@@ -139,10 +139,12 @@ def test_cron_latest_takes_any_timezone_and_answers_in_utc() -> None:
     assert Cron("0 * * * *").latest(berlin) == at(2026, 11, 29, 10)
 
 
-def _naive_latest(cron: Cron, now: datetime, window: timedelta) -> datetime | None:
-    """Minute by minute back from ``now``, at most ``window``: the definition, slowly."""
-    t = now.replace(second=0, microsecond=0)
-    while now - t <= window:
+def _naive(cron: Cron, now: datetime, window: timedelta, forward: bool) -> datetime | None:
+    """Minute by minute from ``now``, back (or forward, after it) at most ``window``: the
+    definition, slowly."""
+    step = timedelta(minutes=1 if forward else -1)
+    t = now.replace(second=0, microsecond=0) + (step if forward else timedelta(0))
+    while abs(t - now) <= window:
         if (
             t.minute in cron.minutes
             and t.hour in cron.hours
@@ -150,21 +152,7 @@ def _naive_latest(cron: Cron, now: datetime, window: timedelta) -> datetime | No
             and cron.fires_on(t.date())
         ):
             return t
-        t -= timedelta(minutes=1)
-    return None
-
-
-def _naive_next(cron: Cron, now: datetime, window: timedelta) -> datetime | None:
-    t = now.replace(second=0, microsecond=0) + timedelta(minutes=1)
-    while t - now <= window:
-        if (
-            t.minute in cron.minutes
-            and t.hour in cron.hours
-            and t.month in cron.months
-            and cron.fires_on(t.date())
-        ):
-            return t
-        t += timedelta(minutes=1)
+        t += step
     return None
 
 
@@ -182,7 +170,7 @@ def test_cron_latest_agrees_with_a_minute_by_minute_search() -> None:
     for _ in range(150):
         cron = Cron(" ".join(rng.choice(options) for options in fields))
         now = at(2026, 1, 1) + timedelta(minutes=rng.randrange(60 * 24 * 365))
-        expected = _naive_latest(cron, now, window)
+        expected = _naive(cron, now, window, forward=False)
         latest = cron.latest(now)
         assert latest is not None
         if expected is None:
@@ -190,7 +178,7 @@ def test_cron_latest_agrees_with_a_minute_by_minute_search() -> None:
         else:
             found += 1
             assert latest == expected, (cron, now)
-        following, expected_next = cron.next_after(now), _naive_next(cron, now, window)
+        following, expected_next = cron.next_after(now), _naive(cron, now, window, forward=True)
         assert following is not None and following > now
         if expected_next is None:
             assert following - now > window, (cron, now)
