@@ -1,6 +1,6 @@
 """Conveyor: durable jobs on the database you already have (SQLite or PostgreSQL)."""
 
-from .app import BoundTask, Conveyor, EnqueueRequest, Task
+from .app import BoundTask, Conveyor, EnqueueRequest, RetryResult, Task
 from .control import Cancel, JobContext, Snooze, current_job
 from .errors import (
     ConfigurationError,
@@ -51,6 +51,7 @@ __all__ = [
     "PruneResult",
     "Pruner",
     "Retention",
+    "RetryResult",
     "SchemaError",
     "Snooze",
     "Task",

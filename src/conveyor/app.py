@@ -16,7 +16,12 @@ from ._gc import collector_paused
 from .backends.base import Backend, LazyNewJobs, NewJob, QueueStats, open_backend
 from .backends.flows import FlowStore, batch_key, flow_store, pipeline_key
 from .backends.migrate import check_version
-from .errors import ConfigurationError, JobNotFoundError, UnknownTaskError
+from .errors import (
+    ConfigurationError,
+    InvalidTransitionError,
+    JobNotFoundError,
+    UnknownTaskError,
+)
 from .job import Job, JobEvent, JobState
 from .options import (
     DEFAULT_QUEUE,
@@ -72,6 +77,14 @@ class EnqueueRequest(NamedTuple):
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     options: Options
+
+
+@dataclasses.dataclass
+class RetryResult:
+    """What ``retry_jobs`` did: the jobs queued again, and those skipped (id: why)."""
+
+    retried: list[Job] = dataclasses.field(default_factory=list)
+    skipped: dict[int, str] = dataclasses.field(default_factory=dict)
 
 
 class Task(Generic[P, R]):
@@ -549,6 +562,27 @@ class Conveyor:
 
     def retry_job(self, job_id: int) -> Job:
         return self._bind([self.backend.job_retry(_job_id(job_id))])[0]
+
+    def retry_jobs(
+        self,
+        state: str = JobState.DEAD,
+        queue: str | None = None,
+        task: str | None = None,
+        limit: int = 1000,
+    ) -> RetryResult:
+        """Retry, as ``retry_job`` does, up to ``limit`` jobs in ``state`` (dead or cancelled),
+        newest first, of ``queue`` and ``task`` if given: after an outage or a fixed bug, the
+        dead-letter queue back to work. A job that left that state meanwhile, or that waits for a
+        dependency that failed, is skipped (counted) and the rest go on."""
+        if state not in (JobState.DEAD, JobState.CANCELLED):
+            raise ConfigurationError(f"retry_jobs: state {state!r} must be 'dead' or 'cancelled'")
+        result = RetryResult()
+        for job in self.list_jobs(state=state, queue=queue, task=task, limit=limit):
+            try:
+                result.retried.append(self.retry_job(job.id))
+            except (InvalidTransitionError, JobNotFoundError) as exc:
+                result.skipped[job.id] = str(exc)
+        return result
 
     def delete_job(self, job_id: int) -> bool:
         try:

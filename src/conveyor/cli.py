@@ -549,6 +549,30 @@ def jobs_retry(app: Conveyor, job_id: int) -> None:
     click.echo(f"job {job.id} {job.state}")
 
 
+@jobs.command("retry-all")
+@with_app()
+@click.option(
+    "--state", type=click.Choice(["dead", "cancelled"]), default="dead", show_default=True
+)
+@click.option("--queue", help="Only jobs of this queue.")
+@click.option("--task", help="Only jobs of this task.")
+@click.option("--limit", default=1000, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--json", "as_json", is_flag=True)
+def jobs_retry_all(
+    app: Conveyor, state: str, queue: str | None, task: str | None, limit: int, as_json: bool
+) -> None:
+    """Queue again every dead (or cancelled) job, newest first, up to --limit."""
+    result = app.retry_jobs(state=state, queue=queue, task=task, limit=limit)
+    if as_json:
+        retried = [j.id for j in result.retried]
+        skipped = {str(k): v for k, v in result.skipped.items()}
+        click.echo(json.dumps({"retried": retried, "skipped": skipped}))
+        return
+    click.echo(f"retried {len(result.retried)} jobs, skipped {len(result.skipped)}")
+    for job_id, why in result.skipped.items():
+        click.echo(f"  job {job_id}: {_printable(why)}")
+
+
 @jobs.command("cancel")
 @with_app()
 @click.argument("job_id", type=int)

@@ -4,19 +4,23 @@ of dead and cancelled jobs, delete; and what each refuses."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
 import conveyor
 from conveyor import (
+    ConfigurationError,
     Conveyor,
     InvalidTransitionError,
     JobNotFoundError,
     JobState,
     Worker,
 )
+from conveyor.cli import main
 from conveyor.states import Backoff, fail, succeed
 
 from .conftest import claim_one, wait_until
@@ -306,3 +310,44 @@ def test_enqueued_jobs_are_returned_as_stored(app: Conveyor) -> None:
     for job in jobs:
         stored = app.get_job(job.id)
         assert stored == job and repr(stored) == repr(job)  # 60.0 is not 60
+
+
+def test_retry_jobs_brings_the_dead_letter_queue_back(app: Conveyor) -> None:
+    @app.task(name="ops.flaky", max_attempts=1)
+    def flaky(n: int) -> None:
+        raise RuntimeError("the service was down")
+
+    @app.task(name="ops.after", max_attempts=1)
+    def after() -> None: ...
+
+    dead = [flaky.enqueue(i) for i in range(3)]
+    other = flaky.options(queue="elsewhere").enqueue(9)
+    dependent = after.options(depends_on=[dead[0]]).enqueue()
+    assert app.drain(["default", "elsewhere"]) == {"dead": 4}
+    assert app.get_job(dependent.id).state == JobState.CANCELLED
+
+    # the dependent went with its dependency: retrying it before that one is refused (skipped)
+    cancelled = app.retry_jobs(state="cancelled")
+    assert cancelled.retried == [] and list(cancelled.skipped) == [dependent.id]
+    assert cancelled.skipped[dependent.id].endswith(f"which is dead: retry job {dead[0].id} first")
+
+    result = app.retry_jobs(queue="default", task="ops.flaky")
+    assert [j.id for j in result.retried] == [j.id for j in reversed(dead)]  # newest first
+    assert result.skipped == {}
+    assert {(j.state, j.attempt) for j in map(app.get_job, (j.id for j in dead))} == {
+        (JobState.QUEUED, 0)
+    }
+    assert app.get_job(other.id).state == JobState.DEAD  # another queue
+    assert len(app.job_history(dead[0].id)) > 3  # its history kept
+
+    (waiting,) = app.retry_jobs(state="cancelled").retried  # now it waits for the dependency
+    assert waiting.id == dependent.id and waiting.state == JobState.WAITING
+    with pytest.raises(ConfigurationError, match="state 'queued' must be 'dead' or 'cancelled'"):
+        app.retry_jobs(state="queued")
+
+    out = CliRunner().invoke(
+        main, ["jobs", "retry-all", "--queue", "elsewhere", "--json", "--database", app.url]
+    )
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output) == {"retried": [other.id], "skipped": {}}
+    assert app.get_job(other.id).state == JobState.QUEUED
