@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from conveyor import ConfigurationError, Conveyor, InvalidArgumentsError
+from conveyor import ConfigurationError, Conveyor, InvalidArgumentsError, JobState
 from conveyor.backends.base import NewJob
 from conveyor.backends.postgres.bulk import COPY_MIN
 from conveyor.pipelines import BatchNotFoundError
@@ -273,3 +273,34 @@ def test_flows_refuse_a_connection_of_the_wrong_kind(app: Conveyor, raw: RawDB) 
     with pytest.raises(ConfigurationError, match=r"connection= must be a .* not object"):
         app.batch([app.tasks["tx.ship"].request(1)], connection=object())
     assert raw.count_jobs() == 0 and app.list_pipelines() == []
+
+
+def test_a_failed_start_rolls_back_the_transaction_it_opened(
+    app: Conveyor, conn: Any, raw: RawDB, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no transaction open, a start that fails leaves none open either: no lock held
+    (SQLite's writers would wait on it), no failed transaction (PostgreSQL's)."""
+    deliver, _ = _flows_of(app)
+    queries = sys.modules[type(app.flows).__module__].QUERIES
+    monkeypatch.setitem(queries, "set_pipeline_job", "SELECT * FROM conveyor_no_such_table")
+    assert not _in_transaction(conn)
+    with pytest.raises(Exception, match="conveyor_no_such_table"):
+        deliver.start(args=[15], connection=conn)
+    assert not _in_transaction(conn)
+    monkeypatch.undo()
+    assert app.tasks["tx.ship"].enqueue(16).state == JobState.QUEUED  # no lock in the way
+    assert raw.count_jobs() == 1 and app.list_pipelines() == []
+
+
+def test_flows_on_a_connection_that_makes_dict_rows(app: Conveyor, conn: Any) -> None:
+    deliver, report = _flows_of(app)
+    if isinstance(conn, sqlite3.Connection):
+        conn.row_factory = lambda cur, row: {d[0]: v for d, v in zip(cur.description, row)}
+    else:
+        from psycopg.rows import dict_row
+
+        conn.row_factory = dict_row
+    run = deliver.start(args=[17], connection=conn)
+    batch = app.batch([app.tasks["tx.ship"].request(18)], report.request(), connection=conn)
+    conn.commit()
+    assert app.get_pipeline(run.id).state == "running" and app.get_batch(batch.id).total == 1

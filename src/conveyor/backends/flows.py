@@ -31,9 +31,10 @@ EXPIRE_BATCH = 1000
 CALLER_TRANSACTION = """The rows are written on the caller's own connection and never committed
 by Conveyor: inside the transaction open on it (in a savepoint, so that a failure leaves that
 transaction usable), or, with none open, in the one its first statement opens, left open for the
-caller to commit or roll back. In autocommit mode with no transaction open, they are written in a
-transaction of their own, committed at once, as each of the caller's statements is. The record is
-read back on that connection: nobody else sees it before the caller commits."""
+caller to commit or roll back (and rolled back if the write fails: it held nothing of the
+caller's). In autocommit mode with no transaction open, they are written in a transaction of
+their own, committed at once, as each of the caller's statements is. The record is read back on
+that connection: nobody else sees it before the caller commits."""
 
 
 class FlowStore(abc.ABC):

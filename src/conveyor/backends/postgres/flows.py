@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -160,12 +160,22 @@ def _caller_transaction(connection: Any) -> AbstractContextManager[Any]:
     """Where several statements go on a caller's psycopg connection: a savepoint in its open
     transaction, or a transaction of their own in autocommit mode; outside autocommit with none
     open, the one the first statement opens, which psycopg leaves open for the caller (its
-    ``transaction()`` would commit it)."""
+    ``transaction()`` would commit it), rolled back if the statements fail (it held nothing of
+    the caller's, and a failed transaction is of no use)."""
     from psycopg.pq import TransactionStatus
 
     if connection.autocommit or connection.info.transaction_status == TransactionStatus.INTRANS:
         return connection.transaction()  # type: ignore[no-any-return]
-    return contextlib.nullcontext(connection)
+    return _rolled_back_on_failure(connection)
+
+
+@contextlib.contextmanager
+def _rolled_back_on_failure(connection: Any) -> Iterator[Any]:
+    try:
+        yield connection
+    except BaseException:
+        connection.rollback()
+        raise
 
 
 __all__ = ["FLOW_CHANNEL", "PostgresFlows"]

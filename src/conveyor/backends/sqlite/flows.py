@@ -71,16 +71,17 @@ class SQLiteFlows(FlowStore):
         specs = json.dumps([s.to_json() for s in steps])
 
         def start(conn: sqlite3.Connection) -> int:
+            cur = _tuples(conn)
             params: dict[str, Any] = {"name": name, "entity": entity, "steps": specs}
-            pipeline_id: int = conn.execute(QUERIES["insert_pipeline"], params).fetchone()[0]
+            pipeline_id: int = cur.execute(QUERIES["insert_pipeline"], params).fetchone()[0]
             params = {
                 "spec": json.dumps(first),
                 "args": full_args,
                 "kwargs": full_kwargs,
                 "pipeline": pipeline_id,
             }
-            job_id = conn.execute(QUERIES["insert_spec_job"], params).fetchone()[0]
-            conn.execute(QUERIES["set_pipeline_job"], {"id": pipeline_id, "job_id": job_id})
+            job_id = cur.execute(QUERIES["insert_spec_job"], params).fetchone()[0]
+            cur.execute(QUERIES["set_pipeline_job"], {"id": pipeline_id, "job_id": job_id})
             return pipeline_id
 
         return self.pipeline_get(self._write(start, connection), connection)
@@ -120,7 +121,7 @@ class SQLiteFlows(FlowStore):
 
         def create(conn: sqlite3.Connection) -> int:
             params: dict[str, Any] = {"total": len(jobs), "on_complete": spec}
-            batch_id: int = conn.execute(QUERIES["insert_batch"], params).fetchone()[0]
+            batch_id: int = _tuples(conn).execute(QUERIES["insert_batch"], params).fetchone()[0]
             inserted = SQLiteBackend._insert_on(conn, jobs) if jobs else []
             if inserted:
                 params = {"batch_id": batch_id, "ids": json.dumps([j.id for j in inserted])}
@@ -141,13 +142,28 @@ class SQLiteFlows(FlowStore):
             return fn(conn)
 
 
+def _tuples(conn: sqlite3.Connection) -> sqlite3.Cursor:
+    """A cursor of plain tuple rows, whatever the connection's row_factory (a caller's own)."""
+    cur = conn.cursor()
+    cur.row_factory = None
+    return cur
+
+
+def _autocommit(conn: sqlite3.Connection) -> bool:
+    """Whether each statement on ``conn`` commits itself: ``isolation_level=None``, or Python
+    3.12's ``autocommit=True``."""
+    return conn.isolation_level is None or getattr(conn, "autocommit", None) is True
+
+
 @contextlib.contextmanager
 def _caller_transaction(conn: sqlite3.Connection) -> Iterator[None]:
     """Several statements on a caller's sqlite3 connection, all or none: a savepoint in its open
     transaction. With none open, sqlite3's implicit transactions (the default) get one opened
-    first, left open for the caller, as its own first statement would have; in autocommit mode
-    (``isolation_level=None``) the savepoint is a transaction of its own, committed at once."""
-    if not conn.in_transaction and conn.isolation_level is not None:
+    first, left open for the caller, as its own first statement would have (and rolled back if
+    the statements fail: it held nothing of the caller's); in autocommit mode the savepoint is a
+    transaction of its own, committed at once."""
+    opened = not conn.in_transaction and not _autocommit(conn)
+    if opened:
         conn.execute("BEGIN")
     conn.execute("SAVEPOINT conveyor_flow")
     try:
@@ -155,5 +171,7 @@ def _caller_transaction(conn: sqlite3.Connection) -> Iterator[None]:
     except BaseException:
         conn.execute("ROLLBACK TO conveyor_flow")
         conn.execute("RELEASE conveyor_flow")
+        if opened:
+            conn.execute("ROLLBACK")
         raise
     conn.execute("RELEASE conveyor_flow")
