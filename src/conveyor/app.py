@@ -374,11 +374,30 @@ class Conveyor:
         self.periodic_jobs[schedule.name] = schedule
         return schedule
 
-    def periodic_request(self, periodic: Periodic, tick: datetime) -> EnqueueRequest:
-        """The request that enqueues ``periodic``'s job for ``tick``."""
-        return EnqueueRequest(
-            periodic.task, periodic.args, dict(periodic.kwargs), periodic.options_for(tick)
-        )
+    def enqueue_periodic(self, ticks: Sequence[tuple[Periodic, datetime]]) -> list[Job]:
+        """Enqueue the job of each (schedule, tick) unless that tick, or a later one of its
+        schedule, was enqueued already (by any process, ever); the jobs inserted. What every
+        worker's scheduler calls (services/scheduler.py)."""
+        entries = [
+            (
+                periodic.name,
+                tick,
+                self._new_job(
+                    EnqueueRequest(
+                        periodic.task,
+                        periodic.args,
+                        dict(periodic.kwargs),
+                        periodic.options_for(tick),
+                    ),
+                    i,
+                ),
+            )
+            for i, (periodic, tick) in enumerate(ticks)
+        ]
+        jobs = self._bind(self.backend.periodic_enqueue(entries))
+        if jobs:
+            self._wake_workers()
+        return [job for job in jobs if not job.deduplicated]
 
     def queue(self, name: str, *, concurrency: int | None = None) -> None:
         """Declare a queue; ``concurrency=N`` allows at most N running jobs in it, fleet-wide.

@@ -36,7 +36,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections import Counter
@@ -363,20 +362,38 @@ def phase_latency(driver: Conveyor, url: str, log: str, s: BenchSettings) -> Lat
     return LatencyResult(pickups, sorted(calls), rows)
 
 
-def _ceiling_process(url: str, worker_id: str, batch_size: int, start: Any, counts: Any) -> None:
-    """One process of the ceiling phase: claim and succeed jobs back to back until none is left;
-    puts (jobs claimed, outcomes applied) on ``counts``."""
+def _ceiling_process(url: str, worker_id: str, batch_size: int, go: Any, out: Any) -> None:
+    """One process of the ceiling phase: once connected, puts "ready" on ``out`` and waits for
+    ``go``; then claims and succeeds jobs back to back until none is left, and puts (jobs
+    claimed, outcomes applied) on ``out``."""
     driver = Conveyor(url)
     try:
         backend = driver.backend
-        start.wait()
+        out.put("ready")
+        go.wait()
         claimed = applied = 0
         while jobs := backend.job_fetch_available(worker_id, [CEILING_QUEUE], batch_size, 60.0):
             claimed += len(jobs)
             applied += len(backend.job_finish_many(worker_id, [succeed(j, "null") for j in jobs]))
-        counts.put((claimed, applied))
+        out.put((claimed, applied))
     finally:
         driver.close()
+
+
+def _collect(out: Any, procs: list[Any], n: int, timeout: float, what: str) -> list[Any]:
+    """``n`` messages from ``out``; ConveyorError as soon as a process failed, or after
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    got: list[Any] = []
+    while len(got) < n:
+        with contextlib.suppress(queue.Empty):
+            got.append(out.get(timeout=0.2))
+            continue
+        if any(p.exitcode not in (None, 0) for p in procs):
+            raise ConveyorError(f"bench: a ceiling process failed {what} (see its traceback)")
+        if time.monotonic() > deadline:
+            raise ConveyorError(f"bench: the ceiling processes took over {timeout:g} s {what}")
+    return got
 
 
 def phase_ceiling(driver: Conveyor, url: str, s: BenchSettings) -> float:
@@ -391,12 +408,11 @@ def phase_ceiling(driver: Conveyor, url: str, s: BenchSettings) -> float:
     finally:
         probe.close()
     ctx = multiprocessing.get_context("spawn")  # no fork of this process's pool threads
-    start = ctx.Barrier(2 * s.processes + 1, timeout=120)
-    counts = ctx.Queue()
+    go, out = ctx.Event(), ctx.Queue()
     procs = [
         ctx.Process(
             target=_ceiling_process,
-            args=(url, f"bench-ceiling-{i}", s.batch_size, start, counts),
+            args=(url, f"bench-ceiling-{i}", s.batch_size, go, out),
             daemon=True,
         )
         for i in range(2 * s.processes)
@@ -404,22 +420,13 @@ def phase_ceiling(driver: Conveyor, url: str, s: BenchSettings) -> float:
     for p in procs:
         p.start()
     try:
-        try:
-            start.wait()
-        except threading.BrokenBarrierError:
-            raise ConveyorError(
-                "bench: the ceiling processes did not all get ready within 120 s"
-            ) from None
+        _collect(out, procs, len(procs), 120, "to get ready")
         t0 = time.monotonic()
-        done: list[tuple[int, int]] = []
-        while len(done) < len(procs):
-            with contextlib.suppress(queue.Empty):
-                done.append(counts.get(timeout=0.5))
-                continue
-            if any(p.exitcode not in (None, 0) for p in procs):
-                raise ConveyorError("bench: a ceiling process failed (see its traceback above)")
+        go.set()
+        done: list[tuple[int, int]] = _collect(out, procs, len(procs), 3600, "to drain")
         elapsed = time.monotonic() - t0
     finally:
+        go.set()  # none is left waiting
         for p in procs:
             p.join(timeout=15)
             if p.is_alive():

@@ -2,11 +2,12 @@
 tick, fleet-wide.
 
 Every worker runs the scheduler (services/scheduler.py) about once a second. For each schedule it
-enqueues the latest tick at or before the database's clock, if that tick is at most ``grace``
-seconds old, as a job whose ``run_at`` is the tick and whose idempotency key is
-``periodic:<name>:<tick>``: the jobs table's unique index on idempotency keys lets exactly one
-enqueue of a tick in, however many workers try at once. A tick that no worker saw within
-``grace`` (none was running) is skipped, never made up later. Ticks are moments in UTC; a cron
+enqueues the ticks at or before the database's clock that are at most ``grace`` seconds old, each
+as a job whose ``run_at`` is the tick and whose idempotency key is ``periodic:<name>:<tick>``, in
+the transaction that moves the schedule's last tick (table ``conveyor_periodic``) forward to it:
+of all the workers that try at once, exactly one enqueues each tick, and a tick once enqueued
+never is again, even after its job was pruned. A tick that no worker saw within ``grace`` (none
+was running) is skipped, never made up later. Ticks are moments in UTC; a cron
 expression is read on the wall clock of UTC or of the schedule's time zone.
 """
 
@@ -23,9 +24,10 @@ from .errors import ConfigurationError
 from .options import MAX_DELAY, Options, check_arguments, check_name
 from .serialization import dumps
 
-#: Days ``Cron`` searches back or ahead: every expression that can fire does within 8 years (29
-#: February, in a century not divisible by 400, comes back after 8).
-_SEARCH_DAYS = 8 * 366
+#: Days ``Cron`` searches back or ahead: the Gregorian calendar's dates and weekdays repeat every
+#: 400 years, so an expression that fires at all (29 February on a Sunday: every 28 to 40 years)
+#: fires within that.
+_SEARCH_DAYS = 400 * 366
 _MONTHS = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]
 _DAYS = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"]
 _ALIASES = {
@@ -49,6 +51,8 @@ _FIELDS: tuple[tuple[str, int, int, list[str]], ...] = (
 _CLOCK_CHANGE = 180
 #: Most tick-to-enqueue lateness allowed by default (seconds).
 DEFAULT_GRACE = 60.0
+#: Most ticks of one schedule one scheduler pass makes up (the latest of those within grace).
+MAX_CATCH_UP = 100
 
 
 class Cron:
@@ -113,7 +117,7 @@ class Cron:
 
     def latest(self, at: datetime) -> datetime | None:
         """The last time it fires at or before ``at``, in UTC (whole minutes); None if it did not
-        in the 8 years before."""
+        in the 400 years before."""
         at = at.astimezone(UTC)
         local = at.astimezone(self._zone)
         day = local.date()
@@ -128,7 +132,7 @@ class Cron:
         return None
 
     def next_after(self, at: datetime) -> datetime | None:
-        """The first time it fires after ``at``, in UTC (whole minutes); None if not within 8
+        """The first time it fires after ``at``, in UTC (whole minutes); None if not within 400
         years."""
         at = at.astimezone(UTC)
         local = at.astimezone(self._zone)
@@ -205,7 +209,7 @@ def _parse_field(
         token = token.lower()
         if token in names:
             return low + names.index(token)
-        if not token.isdigit():
+        if not (token.isascii() and token.isdigit()):
             raise fail(f"{token!r} is not a number{' or a name' if names else ''}")
         number = int(token)
         if not low <= number <= high:
@@ -217,7 +221,7 @@ def _parse_field(
         span, _, step_text = item.partition("/")
         step = 1
         if step_text:
-            if not step_text.isdigit() or int(step_text) < 1:
+            if not (step_text.isascii() and step_text.isdigit()) or int(step_text) < 1:
                 raise fail(f"step {step_text!r} must be a whole number of at least 1")
             step = int(step_text)
         if span == "*":
@@ -266,13 +270,22 @@ class Periodic:
     #: How late (seconds) a tick may still be enqueued.
     grace: float
 
-    def due(self, now: datetime) -> datetime | None:
-        """The tick to enqueue at ``now``: the latest at or before it, unless older than
-        ``grace``."""
+    def due_ticks(self, now: datetime, after: datetime | None = None) -> list[datetime]:
+        """The ticks to enqueue at ``now``, oldest first: those at or before it and at most
+        ``grace`` old (so a scheduler that was late, or down for less than ``grace``, makes up
+        what it missed), later than ``after`` if given, the latest :data:`MAX_CATCH_UP` at
+        most."""
+        ticks: list[datetime] = []
         tick = self.schedule.latest(now)
-        if tick is None or (now - tick).total_seconds() > self.grace:
-            return None
-        return tick
+        while (
+            tick is not None
+            and len(ticks) < MAX_CATCH_UP
+            and (now - tick).total_seconds() <= self.grace
+            and (after is None or tick > after)
+        ):
+            ticks.append(tick)
+            tick = self.schedule.latest(tick - timedelta(microseconds=1))
+        return ticks[::-1]
 
     def key(self, tick: datetime) -> str:
         """The idempotency key of ``tick``'s job."""
@@ -306,10 +319,11 @@ def make_periodic(
     if (cron is None) == (every is None):
         raise ConfigurationError(f"{where}: give exactly one of cron= or every=")
     reserved = sorted(set(options) & set(_RESERVED))
+    reserved += [k for k in ("unique_key", "idempotency_key") if getattr(task_options, k)]
     if reserved:
         raise ConfigurationError(
-            f"{where}: {', '.join(reserved)} cannot be set: each tick's job gets its run_at (the "
-            "tick) and idempotency key from the schedule"
+            f"{where}: {', '.join(sorted(set(reserved)))} cannot be set (here or on the task): "
+            "each tick's job gets its run_at (the tick) and idempotency key from the schedule"
         )
     if tz is not None and cron is None:
         raise ConfigurationError(f"{where}: tz= applies to cron= only (every= counts seconds)")

@@ -295,7 +295,9 @@ def test_a_failed_start_rolls_back_the_transaction_it_opened(
 def test_flows_on_a_connection_that_makes_dict_rows(app: Conveyor, conn: Any) -> None:
     deliver, report = _flows_of(app)
     if isinstance(conn, sqlite3.Connection):
-        conn.row_factory = lambda cur, row: {d[0]: v for d, v in zip(cur.description, row)}
+        conn.row_factory = lambda cur, row: {
+            d[0]: v for d, v in zip(cur.description, row, strict=True)
+        }
     else:
         from psycopg.rows import dict_row
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import queue
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -158,3 +160,23 @@ def test_the_ceiling_counts_what_its_processes_took(sqlite_url: str) -> None:
         with pytest.raises(ConveyorError, match="claimed 25 and finished 25 of 20 jobs"):
             bench.phase_ceiling(driver, url, BenchSettings(url, jobs=20, batch_size=5))
         driver.close()
+
+
+def test_waiting_on_ceiling_processes_ends_when_one_fails_or_time_runs_out() -> None:
+    """The phase never waits blindly: a process that exited with an error ends the wait at once,
+    naming the stage, and so does the deadline; messages are collected until then."""
+
+    class Proc:
+        def __init__(self, exitcode: int | None) -> None:
+            self.exitcode = exitcode
+
+    out: queue.Queue[Any] = queue.Queue()
+    out.put("ready")
+    started = time.monotonic()
+    with pytest.raises(ConveyorError, match="a ceiling process failed to get ready"):
+        bench._collect(out, [Proc(None), Proc(1)], 2, 60, "to get ready")
+    assert time.monotonic() - started < 5
+    with pytest.raises(ConveyorError, match=r"took over 0\.3 s to drain"):
+        bench._collect(out, [Proc(None)], 1, 0.3, "to drain")
+    out.put((3, 3))
+    assert bench._collect(out, [Proc(0)], 1, 5, "to drain") == [(3, 3)]

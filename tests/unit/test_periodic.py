@@ -52,6 +52,14 @@ def test_cron_latest_fire_time(expression: str, now: datetime, latest: datetime)
     assert Cron(expression).latest(now) == latest
 
 
+def test_cron_rare_days_are_found_across_decades() -> None:
+    """29 February on a Sunday ("*/7" does not restrict, so both fields must match): 28 years
+    apart here."""
+    cron = Cron("0 0 29 2 */7")
+    assert cron.latest(at(2026, 11, 29)) == at(2004, 2, 29)
+    assert cron.next_after(at(2026, 11, 29)) == at(2032, 2, 29)
+
+
 def test_cron_next_fire_time() -> None:
     assert Cron("0 9 * * 1-5").next_after(at(2026, 11, 27, 9)) == at(2026, 11, 30, 9)
     assert Cron("*/15 * * * *").next_after(at(2026, 11, 29, 23, 59, 30)) == at(2026, 11, 30)
@@ -202,6 +210,8 @@ def test_cron_latest_agrees_with_a_minute_by_minute_search() -> None:
         ("@often", r"expected 5 fields"),
         ("0 0 30 2 *", r"never fires"),
         ("0 0 31 4,6,9,11 *", r"never fires"),
+        ("\u00b2 * * * *", r"is not a number"),  # a superscript two is no digit to cron
+        ("*/\u0663 * * * *", r"step .* must be a whole number"),  # nor an Arabic-Indic three
     ],
 )
 def test_a_bad_cron_expression_is_refused_naming_the_field(expression: str, message: str) -> None:
@@ -251,6 +261,12 @@ def test_registering_a_schedule_checks_everything_up_front(tmp_path: object) -> 
     for given, message in bad:
         with pytest.raises(Exception, match=message):
             app.periodic(tick, **given)  # type: ignore[arg-type]
+
+    @app.task(name="p.unique", unique_key="only-one")
+    def unique() -> None: ...
+
+    with pytest.raises(ConfigurationError, match=r"unique_key cannot be set \(here or on the task"):
+        app.periodic(unique, every=60)
     with pytest.raises(Exception, match=r"no task named 'p\.nope'"):
         app.periodic("p.nope", every=60)
     assert set(app.periodic_jobs) == {"p.tick", "p.daily"}

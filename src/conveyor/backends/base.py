@@ -295,6 +295,14 @@ class Backend(abc.ABC):
 
     # -- jobs -----------------------------------------------------------------------------------
     @abc.abstractmethod
+    def periodic_enqueue(self, ticks: Sequence[tuple[str, datetime, NewJob]]) -> list[Job]:
+        """In one transaction, for each (schedule name, tick, job): move the schedule's last tick
+        forward to ``tick`` unless that tick or a later one is recorded already, and insert the
+        job of each tick so recorded (as ``job_insert_many``). Returns those jobs. Of concurrent
+        callers with the same tick, exactly one records it and inserts its job; a tick recorded
+        once is never enqueued again, even after its job is gone."""
+
+    @abc.abstractmethod
     def job_insert_many(self, jobs: Sequence[NewJob], connection: Any = None) -> list[Job]:
         """Insert jobs in one transaction (or on the caller's ``connection``, inside the caller's
         transaction, never committing it). Returns one Job per input, in order. A job whose

@@ -372,6 +372,20 @@ class PostgresBackend(Backend):
             with conn.transaction():  # dedupe lookups and dependencies: several statements
                 return self._insert_rows(conn, jobs)
 
+    def periodic_enqueue(self, ticks: Sequence[tuple[str, datetime, NewJob]]) -> list[Job]:
+        if not ticks:
+            return []
+        ordered = sorted(ticks, key=lambda t: (t[0], t[1]))  # one lock order for all callers
+        with self._conn() as conn, conn.transaction():
+            fresh = [
+                job
+                for name, tick, job in ordered
+                if conn.execute(
+                    QUERIES["periodic_advance"], {"name": name, "tick": tick}
+                ).fetchone()
+            ]
+            return self._insert_rows(conn, fresh) if fresh else []
+
     @staticmethod
     def caller_connection(connection: Any) -> Any:
         """``connection`` (a caller's ``connection=``) if it is a psycopg 3 Connection, else a

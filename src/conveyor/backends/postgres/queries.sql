@@ -315,6 +315,15 @@ WITH doomed AS (
 )
 DELETE FROM conveyor_batches b USING doomed d WHERE b.id = d.id
 
+-- name: periodic_advance
+-- Move a periodic schedule's last tick forward to %(tick)s: a row back when it moved (its job is
+-- to be enqueued, in this transaction), none when that tick or a later one was recorded already.
+-- A concurrent caller with the same tick waits for the row lock, then finds it recorded.
+INSERT INTO conveyor_periodic (name, last_tick) VALUES (%(name)s, %(tick)s)
+ON CONFLICT (name) DO UPDATE SET last_tick = excluded.last_tick
+ WHERE conveyor_periodic.last_tick < excluded.last_tick
+RETURNING name
+
 -- name: merge_history_pending
 -- The vacuum service's other chore: history's job index takes new keys into a pending list
 -- (migration 0004); merged here, every few seconds, instead of by the statement that fills it.

@@ -1,5 +1,5 @@
 -- The current Conveyor schema for PostgreSQL, as the migrations leave it (today: the
--- conveyor_migrations table that the migrator creates, plus migrations 0001 to 0008). This file
+-- conveyor_migrations table that the migrator creates, plus migrations 0001 to 0009). This file
 -- documents the schema: Conveyor never runs it, the migrations build every database. Change the
 -- schema with a new migration and update this file to match (tests/contract/test_schema.py builds a
 -- database from each and compares their catalogs). docs/state-machine.md documents
@@ -929,3 +929,11 @@ $$;
 
 ALTER FUNCTION conveyor_claim(text, text[], integer, double precision) SET jit = off;
 ALTER FUNCTION conveyor_history_forget(bigint[]) SET jit = off;
+
+-- The last tick enqueued of each periodic schedule (migration 0009): a tick is enqueued only by
+-- the statement that moves last_tick forward to it, in the transaction that inserts its job.
+CREATE TABLE conveyor_periodic (
+    name       text PRIMARY KEY,
+    last_tick  timestamptz NOT NULL,
+    CONSTRAINT conveyor_periodic_name_valid CHECK (length(name) BETWEEN 1 AND 200)
+);

@@ -459,6 +459,24 @@ class SQLiteBackend(Backend):
             return self._insert_on(self.caller_connection(connection), jobs)
         return self._write(lambda conn: self._insert_on(conn, jobs))
 
+    def periodic_enqueue(self, ticks: Sequence[tuple[str, datetime, NewJob]]) -> list[Job]:
+        if not ticks:
+            return []
+        ordered = sorted(ticks, key=lambda t: (t[0], t[1]))
+
+        def enqueue(conn: sqlite3.Connection) -> list[Job]:
+            cur = conn.cursor()
+            fresh = [
+                job
+                for name, tick, job in ordered
+                if cur.execute(
+                    QUERIES["periodic_advance"], {"name": name, "tick": _from_time(tick)}
+                ).fetchone()
+            ]
+            return self._insert_on(conn, fresh) if fresh else []
+
+        return self._write(enqueue)
+
     @staticmethod
     def caller_connection(connection: Any) -> sqlite3.Connection:
         """``connection`` (a caller's ``connection=``) if it is a sqlite3.Connection, else a

@@ -338,6 +338,13 @@ DELETE FROM conveyor_batches
                ORDER BY b.completed_at
                LIMIT :limit)
 
+-- name: periodic_advance
+-- Move a periodic schedule's last tick forward (PostgreSQL's queries.sql says how it is used).
+INSERT INTO conveyor_periodic (name, last_tick) VALUES (:name, :tick)
+ON CONFLICT (name) DO UPDATE SET last_tick = excluded.last_tick
+ WHERE conveyor_periodic.last_tick < excluded.last_tick
+RETURNING name
+
 -- name: leader_claim
 INSERT INTO conveyor_leader (name, holder, started_at)
 VALUES (:name, :holder, coalesce(:now, {now}))

@@ -1,12 +1,12 @@
 -- The current Conveyor schema for SQLite, as the migrations leave it (today: the
 -- conveyor_migrations table that the migrator creates, plus migrations/0001_initial.sql, 0002 in
 -- its section below, 0003, which changed two triggers of 0001 in place, 0004 to 0007, which
--- change nothing on SQLite, and 0008's two indexes). This file documents the schema: Conveyor
--- never runs it, the migrations build every database. Change the schema with a new migration and
--- update this file to match (tests/contract/test_schema.py builds a database from each and
--- compares their catalogs). Times are REAL seconds since the Unix epoch (UTC) from SQLite's
--- clock, JSON is TEXT checked with json_valid, booleans are 0/1. docs/state-machine.md documents
--- the invariants the CHECK constraints enforce.
+-- change nothing on SQLite, 0008's two indexes and 0009's table). This file documents the
+-- schema: Conveyor never runs it, the migrations build every database. Change the schema with a
+-- new migration and update this file to match (tests/contract/test_schema.py builds a database
+-- from each and compares their catalogs). Times are REAL seconds since the Unix epoch (UTC)
+-- from SQLite's clock, JSON is TEXT checked with json_valid, booleans are 0/1.
+-- docs/state-machine.md documents the invariants the CHECK constraints enforce.
 
 -- Applied migrations (created by the migrator, before the first migration runs).
 CREATE TABLE conveyor_migrations (
@@ -423,3 +423,11 @@ END;
 -- conveyor_jobs_cancel_dependents (above) only run their UPDATE for a job with dependents. 0003
 -- recreates the triggers of 0002 after them, unchanged, so that all fire in the same order (SQLite
 -- fires a table's triggers newest first), which is the order they are created in this file.
+
+-- The last tick enqueued of each periodic schedule (migration 0009): a tick is enqueued only by
+-- the statement that moves last_tick forward to it, in the transaction that inserts its job.
+CREATE TABLE conveyor_periodic (
+    name       TEXT PRIMARY KEY,
+    last_tick  REAL NOT NULL,
+    CONSTRAINT conveyor_periodic_name_valid CHECK (length(name) BETWEEN 1 AND 200)
+);
