@@ -56,7 +56,7 @@ class FlowStore(abc.ABC):
     @abc.abstractmethod
     def _prune(self, query: str, older_than: float, limit: int, now: datetime | None) -> int:
         """Run the named prune statement (parameters age, limit and now, as the backend passes
-        times) in a transaction of its own; the rows it deleted."""
+        times) in a transaction of its own (the backend's ``_execute``); the rows it deleted."""
 
     # -- pipelines ------------------------------------------------------------------------------
     @abc.abstractmethod

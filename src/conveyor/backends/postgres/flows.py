@@ -40,18 +40,14 @@ class PostgresFlows(FlowStore):
     ) -> list[dict[str, Any]]:
         if connection is None:
             return self.backend._all(query, params)
-        from psycopg.rows import dict_row
-
-        with connection.cursor(row_factory=dict_row) as cur:  # whatever rows it makes
+        with connection.cursor(row_factory=_dict_row()) as cur:  # whatever rows it makes
             return list(cur.execute(QUERIES[query], params).fetchall())
 
     def _jobs(self, query: str, params: dict[str, Any]) -> list[Job]:
         return self.backend._jobs(query, params)
 
     def _prune(self, query: str, older_than: float, limit: int, now: datetime | None) -> int:
-        params = {"age": float(older_than), "limit": limit, "now": now}
-        with self.backend._conn() as conn:
-            return int(conn.execute(QUERIES[query], params).rowcount)
+        return self.backend._execute(query, {"age": float(older_than), "limit": limit, "now": now})
 
     # -- pipelines ------------------------------------------------------------------------------
     def pipeline_start(

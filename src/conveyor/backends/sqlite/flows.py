@@ -52,8 +52,9 @@ class SQLiteFlows(FlowStore):
         return self.backend._read_jobs(query, params)
 
     def _prune(self, query: str, older_than: float, limit: int, now: datetime | None) -> int:
-        params = {"age": older_than, "limit": limit, "now": _from_time(now)}
-        return self.backend._write(lambda c: c.execute(QUERIES[query], params).rowcount)
+        return self.backend._execute(
+            query, {"age": older_than, "limit": limit, "now": _from_time(now)}
+        )
 
     # -- pipelines ------------------------------------------------------------------------------
     def pipeline_start(
