@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from conveyor import Conveyor, JobState
+from conveyor import worker as worker_module
 from conveyor.cli import main
 from conveyor.services.scheduler import Scheduler
 
@@ -147,10 +148,22 @@ def test_a_worker_enqueues_and_runs_its_apps_periodic_jobs(app: Conveyor) -> Non
     assert all(j.run_at.microsecond == 0 for j in jobs)
 
 
-def test_draining_in_tests_enqueues_no_ticks(app: Conveyor) -> None:
+def test_draining_in_tests_enqueues_no_ticks(
+    app: Conveyor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A drain that lasts many scheduler intervals (made 10 ms here) still enqueues no tick: the
+    scheduler is not among its services."""
+    monkeypatch.setattr(worker_module, "SCHEDULE_INTERVAL", 0.01)
     _schedule(app, every=1)
-    assert app.drain() == {}
-    assert _jobs(app) == []
+    slow = threading.Event()
+
+    @app.task(name="per.slow", queue="per")
+    def takes_a_while() -> None:
+        slow.wait(0.3)  # a job that runs while 30 scheduler intervals pass
+
+    (job,) = app.enqueue_many([takes_a_while.request()])
+    assert app.drain() == {"succeeded": 1}
+    assert [j.id for j in _jobs(app)] == [job.id]
 
 
 def test_conveyor_periodic_lists_schedules_with_their_last_and_next_tick(
