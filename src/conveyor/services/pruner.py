@@ -156,14 +156,11 @@ class Pruner:
     def _prune_flows(self, result: PruneResult, now: datetime | None) -> None:
         """Pipelines and batches: after the jobs, whose pruning may leave them without any."""
         flows = flow_store(self.backend)
-        pipelines_age = self.retention.age_of("pipelines")
-        if pipelines_age is not None:
-            prune = functools.partial(flows.pipeline_prune, pipelines_age, self.batch_size, now)
-            result.pipelines = self._batches(prune, result)
-        batches_age = self.retention.age_of("batches")
-        if batches_age is not None:
-            prune = functools.partial(flows.batch_prune, batches_age, self.batch_size, now)
-            result.batches = self._batches(prune, result)
+        for name, prune in (("pipelines", flows.pipeline_prune), ("batches", flows.batch_prune)):
+            age = self.retention.age_of(name)
+            if age is not None:
+                deleted = self._batches(functools.partial(prune, age, self.batch_size, now), result)
+                setattr(result, name, deleted)
 
     def _jobs_of(self, state: JobState, age: float, now: datetime | None) -> Callable[[], int]:
         return lambda: self.backend.job_prune(state, age, self.batch_size, now)
